@@ -1,0 +1,452 @@
+// Vapora's live client: keeps a workflow page, or the list page, in step with
+// the server. Text goes into the page with textContent only, never as HTML.
+(function () {
+  "use strict";
+
+  var body = document.body;
+  var page = body.dataset.page;
+  if (page !== "workflow" && page !== "list") return;
+
+  var BACKOFF_BASE_MS = 500;
+  var BACKOFF_CAP_MS = 15000;
+  var OFFLINE_AFTER_ATTEMPTS = 3;
+  var HISTORY_ROWS = 50;
+  // The server sends something at least every heartbeat; silence longer than
+  // this means the link is dead (laptop sleep, a half-open connection).
+  var SILENCE_MS = Number(body.dataset.silenceMs || 45000);
+
+  var workflowId = body.dataset.workflowId || null;
+  var seq = Number(body.dataset.seq || 0);
+  var epoch = body.dataset.epoch || "";
+  // Server time minus local time, so relative times hold when the viewer's
+  // clock is wrong.
+  var clockOffsetMs = body.dataset.serverNow
+    ? Date.parse(body.dataset.serverNow) - Date.now()
+    : 0;
+
+  var socket = null;
+  var attempt = 0;
+  var retryTimer = null;
+  var silenceTimer = null;
+  var lostAt = null;
+  var lastDataAt = Date.now();
+  var transport = "websocket";
+  var events = null;
+  var socketFailures = 0;
+
+  // ---- freshness: what the page says about how current it is ----
+
+  var freshness = document.querySelector("[data-field=freshness]");
+
+  function setFreshness(state, text, since) {
+    if (!freshness) return;
+    freshness.dataset.state = state;
+    freshness.textContent = text;
+    if (since) {
+      var time = document.createElement("time");
+      time.dateTime = new Date(since).toISOString();
+      time.textContent = formatClock(new Date(since));
+      freshness.appendChild(time);
+    }
+  }
+
+  function showLive() {
+    var via = transport === "sse" ? " (via fallback stream)" : "";
+    setFreshness("live", "Live" + via);
+  }
+
+  function showLost() {
+    if (attempt >= OFFLINE_AFTER_ATTEMPTS || navigator.onLine === false) {
+      setFreshness("offline", "Offline since ", lostAt);
+    } else {
+      setFreshness("reconnecting", "Reconnecting… last update at ", lastDataAt);
+    }
+  }
+
+  // ---- times ----
+
+  function serverNow() {
+    return Date.now() + clockOffsetMs;
+  }
+
+  function formatClock(date) {
+    return date.toLocaleTimeString(undefined, {
+      hour: "2-digit",
+      minute: "2-digit",
+      second: "2-digit",
+    });
+  }
+
+  function formatDateTime(date) {
+    return date.toLocaleString(undefined, {
+      year: "numeric",
+      month: "short",
+      day: "numeric",
+      hour: "2-digit",
+      minute: "2-digit",
+      second: "2-digit",
+    });
+  }
+
+  function formatAgo(iso) {
+    var seconds = Math.max(0, Math.round((serverNow() - Date.parse(iso)) / 1000));
+    if (seconds < 5) return "just now";
+    if (seconds < 60) return seconds + " s ago";
+    if (seconds < 3600) return Math.floor(seconds / 60) + " min ago";
+    if (seconds < 86400) return Math.floor(seconds / 3600) + " h ago";
+    return Math.floor(seconds / 86400) + " d ago";
+  }
+
+  function formatDuration(ms) {
+    var total = Math.max(0, Math.floor(ms / 1000));
+    var h = Math.floor(total / 3600);
+    var m = Math.floor((total % 3600) / 60);
+    var s = total % 60;
+    if (h) return h + "h " + m + "m " + s + "s";
+    if (m) return m + "m " + s + "s";
+    return s + "s";
+  }
+
+  function renderTime(el) {
+    var iso = el.getAttribute("datetime");
+    if (!iso) return;
+    var date = new Date(iso);
+    if (el.dataset.relative === "yes") {
+      el.textContent = formatAgo(iso);
+      el.title = formatDateTime(date);
+    } else {
+      el.textContent = formatDateTime(date);
+    }
+  }
+
+  function setTime(el, iso) {
+    el.setAttribute("datetime", iso);
+    renderTime(el);
+  }
+
+  function renderAllTimes(root) {
+    root.querySelectorAll("time[datetime]").forEach(renderTime);
+  }
+
+  function renderDurations() {
+    document.querySelectorAll(".step[data-started]").forEach(function (li) {
+      var started = li.dataset.started;
+      var out = li.querySelector(".step-duration");
+      if (!started || !out) {
+        if (out) out.textContent = "";
+        return;
+      }
+      var end = li.dataset.finished ? Date.parse(li.dataset.finished) : serverNow();
+      out.textContent = formatDuration(end - Date.parse(started));
+    });
+  }
+
+  // ---- applying state to the page ----
+
+  function field(root, name) {
+    return root.querySelector("[data-field=" + name + "]");
+  }
+
+  function setText(root, name, text) {
+    var el = field(root, name);
+    if (el && el.textContent !== String(text)) el.textContent = String(text);
+  }
+
+  function applySummary(root, state) {
+    var badge = field(root, "status");
+    if (badge) badge.dataset.status = state.status;
+    setText(root, "status_label", state.status_label);
+    setText(root, "message", state.message);
+    setText(root, "step_label", state.step_label);
+    setText(root, "percent", state.percent);
+    setText(root, "seq", state.seq);
+    var bar = field(root, "progress");
+    if (bar) {
+      bar.setAttribute("aria-valuenow", String(state.percent));
+      bar.setAttribute("aria-valuetext", state.step_label + ", " + state.percent + "%");
+      var visual = bar.querySelector("progress");
+      if (visual) visual.value = state.percent;
+    }
+    var changed = root.querySelector(".changed time");
+    if (changed) setTime(changed, state.timestamp);
+  }
+
+  function applySteps(steps) {
+    var list = field(document, "steps");
+    if (!list) return;
+    var items = list.children;
+    for (var i = 0; i < steps.length; i++) {
+      var step = steps[i];
+      var li = items[i];
+      if (!li) {
+        li = document.createElement("li");
+        li.className = "step";
+        ["icon", "step-name", "step-state", "step-duration"].forEach(function (cls) {
+          var span = document.createElement("span");
+          span.className = cls;
+          if (cls === "icon") span.setAttribute("aria-hidden", "true");
+          li.appendChild(span);
+        });
+        list.appendChild(li);
+      }
+      li.dataset.state = step.state;
+      li.dataset.started = step.started_at || "";
+      li.dataset.finished = step.finished_at || "";
+      li.querySelector(".step-name").textContent = step.name;
+      li.querySelector(".step-state").textContent = step.state;
+    }
+    while (list.children.length > steps.length) list.removeChild(list.lastChild);
+    renderDurations();
+  }
+
+  function historyRow(event) {
+    var tr = document.createElement("tr");
+    tr.dataset.seq = String(event.seq);
+    var when = document.createElement("td");
+    var time = document.createElement("time");
+    time.dataset.relative = "no";
+    setTime(time, event.at);
+    when.appendChild(time);
+    var who = document.createElement("td");
+    who.textContent = event.actor;
+    var what = document.createElement("td");
+    what.textContent = event.summary;
+    tr.appendChild(when);
+    tr.appendChild(who);
+    tr.appendChild(what);
+    return tr;
+  }
+
+  function prependHistory(event) {
+    var tbody = field(document, "history");
+    if (!tbody) return;
+    tbody.insertBefore(historyRow(event), tbody.firstChild);
+    while (tbody.children.length > HISTORY_ROWS) tbody.removeChild(tbody.lastChild);
+  }
+
+  function replaceHistory(history) {
+    var tbody = field(document, "history");
+    if (!tbody) return;
+    tbody.replaceChildren.apply(tbody, history.map(historyRow));
+  }
+
+  function applyWorkflowFrame(frame) {
+    if (frame.type === "snapshot") {
+      // A snapshot is the whole truth: take it even when its seq went down
+      // (another database) or jumped (we missed updates).
+      seq = frame.seq;
+      epoch = frame.epoch;
+      setText(document, "name", frame.name);
+      document.title = frame.name + " · Vapora";
+      applySummary(document, frame);
+      applySteps(frame.steps);
+      if (frame.history) replaceHistory(frame.history);
+      return;
+    }
+    if (frame.type !== "update" || frame.epoch !== epoch || frame.seq <= seq) return;
+    seq = frame.seq;
+    applySummary(document, frame);
+    applySteps(frame.steps);
+    prependHistory({ seq: frame.seq, at: frame.timestamp, actor: frame.actor, summary: frame.summary });
+  }
+
+  // The list page: one item per workflow, newest activity first.
+
+  var listEl = page === "list" ? field(document, "list") : null;
+  var itemTemplate = document.getElementById("workflow-item");
+
+  function listItem(state) {
+    var li = listEl.querySelector('[data-workflow-id="' + CSS.escape(state.workflow_id) + '"]');
+    if (!li) {
+      li = itemTemplate.content.firstElementChild.cloneNode(true);
+      li.dataset.workflowId = state.workflow_id;
+      li.dataset.seq = "0";
+      var link = field(li, "name");
+      link.href = body.dataset.pagePrefix + encodeURIComponent(state.workflow_id);
+    }
+    return li;
+  }
+
+  function applyListState(state, moveToTop) {
+    var li = listItem(state);
+    if (Number(li.dataset.seq) >= state.seq && li.isConnected) return;
+    li.dataset.seq = String(state.seq);
+    setText(li, "name", state.name);
+    applySummary(li, state);
+    if (moveToTop || !li.isConnected) listEl.insertBefore(li, listEl.firstChild);
+    var empty = field(document, "empty");
+    if (empty) empty.hidden = true;
+  }
+
+  function applyListFrame(frame) {
+    if (frame.type === "list") {
+      epoch = frame.epoch;
+      for (var i = frame.workflows.length - 1; i >= 0; i--) {
+        applyListState(frame.workflows[i], true);
+      }
+      return;
+    }
+    if (frame.type === "update") applyListState(frame, true);
+  }
+
+  // ---- the connection ----
+
+  function onFrame(text) {
+    lastDataAt = Date.now();
+    armSilenceTimer();
+    var frame;
+    try {
+      frame = JSON.parse(text);
+    } catch (err) {
+      return;
+    }
+    if (frame.now) clockOffsetMs = Date.parse(frame.now) - Date.now();
+    if (frame.type === "heartbeat") return;
+    if (page === "workflow") applyWorkflowFrame(frame);
+    else applyListFrame(frame);
+  }
+
+  function socketUrl() {
+    var url = new URL(body.dataset.socket, window.location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    if (page === "workflow") {
+      url.searchParams.set("after", String(seq));
+      url.searchParams.set("epoch", epoch);
+    }
+    return url.toString();
+  }
+
+  function connect() {
+    clearTimeout(retryTimer);
+    retryTimer = null;
+    if (socket || events) return;
+    if (transport === "sse") return connectEvents();
+    var opened = false;
+    var ws;
+    try {
+      ws = new WebSocket(socketUrl());
+    } catch (err) {
+      return onLost(false);
+    }
+    socket = ws;
+    ws.onopen = function () {
+      opened = true;
+      attempt = 0;
+      socketFailures = 0;
+      lostAt = null;
+      armSilenceTimer();
+      showLive();
+    };
+    ws.onmessage = function (msg) {
+      if (socket === ws) onFrame(msg.data);
+    };
+    ws.onclose = function () {
+      if (socket !== ws) return;
+      socket = null;
+      onLost(opened);
+    };
+  }
+
+  function connectEvents() {
+    var url = new URL(body.dataset.events, window.location.href);
+    url.searchParams.set("after", String(seq));
+    url.searchParams.set("epoch", epoch);
+    var source = new EventSource(url.toString());
+    events = source;
+    var handler = function (msg) {
+      if (events === source) onFrame(msg.data);
+    };
+    ["snapshot", "update", "heartbeat"].forEach(function (name) {
+      source.addEventListener(name, handler);
+    });
+    source.onopen = function () {
+      attempt = 0;
+      lostAt = null;
+      armSilenceTimer();
+      showLive();
+    };
+    source.onerror = function () {
+      // EventSource retries on its own from Last-Event-ID, but it would not
+      // carry our epoch; reconnect ourselves with the seq we trust.
+      if (events !== source) return;
+      source.close();
+      events = null;
+      onLost(true);
+    };
+  }
+
+  function onLost(wasOpen) {
+    clearTimeout(silenceTimer);
+    if (lostAt === null) lostAt = lastDataAt;
+    if (!wasOpen && transport === "websocket" && page === "workflow" && body.dataset.events) {
+      // A socket that never opens, again and again, is likely blocked by a
+      // proxy: fall back to Server-Sent Events.
+      socketFailures += 1;
+      if (socketFailures >= 2) transport = "sse";
+    }
+    attempt += 1;
+    showLost();
+    var ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * Math.pow(2, attempt));
+    var delay = transport === "sse" && socketFailures === 2 ? 0 : Math.random() * ceiling;
+    retryTimer = setTimeout(connect, delay);
+  }
+
+  function armSilenceTimer() {
+    clearTimeout(silenceTimer);
+    silenceTimer = setTimeout(function () {
+      // Nothing, not even a heartbeat: the link is dead even if the
+      // browser has not noticed. Drop it and reconnect.
+      dropConnection();
+    }, SILENCE_MS);
+  }
+
+  function dropConnection() {
+    if (socket) {
+      var ws = socket;
+      socket = null;
+      ws.onclose = null;
+      ws.close();
+      onLost(true);
+    } else if (events) {
+      events.close();
+      events = null;
+      onLost(true);
+    }
+  }
+
+  function reconnectNow() {
+    if (socket || events) {
+      if (Date.now() - lastDataAt > SILENCE_MS) dropConnection();
+      else return;
+    }
+    attempt = 0;
+    connect();
+  }
+
+  document.addEventListener("visibilitychange", function () {
+    if (document.visibilityState === "visible") reconnectNow();
+  });
+  window.addEventListener("online", reconnectNow);
+  window.addEventListener("offline", function () {
+    if (!socket && !events) showLost();
+  });
+
+  // For tests and curious people: the state the client holds.
+  window.vapora = {
+    get seq() {
+      return seq;
+    },
+    get transport() {
+      return transport;
+    },
+    reconnectNow: reconnectNow,
+  };
+
+  renderAllTimes(document);
+  renderDurations();
+  setInterval(function () {
+    document.querySelectorAll('time[data-relative="yes"]').forEach(renderTime);
+    renderDurations();
+  }, 5000);
+  connect();
+})();

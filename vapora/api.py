@@ -1,0 +1,146 @@
+"""The JSON API under /api/workflows, for scripts and the command line."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .app_keys import AUTH, STORE
+from .catchup import workflow_json
+from .errors import InvalidInput
+from .model import Workflow, clean_status
+
+routes = web.RouteTableDef()
+
+MAX_LIST = 500
+
+
+def workflow_response(workflow: Workflow, status: int = 200) -> web.Response:
+    return web.Response(
+        text=workflow_json(workflow), status=status, content_type="application/json"
+    )
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """Return the request's JSON object; 400 when the body is not one."""
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidInput(None, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidInput(None, "the body must be a JSON object")
+    return body
+
+
+@routes.post("/api/workflows")
+async def create_workflow(request: web.Request) -> web.Response:
+    """Create a workflow from {name, steps, message?}; 400 names a bad field, 401."""
+    actor = request.app[AUTH].bearer_actor(request)
+    body = await read_json(request)
+
+    workflow = await request.app[STORE].create_workflow(
+        body.get("name"), body.get("steps"), actor, body.get("message", "")
+    )
+
+    response = workflow_response(workflow, status=201)
+    response.headers["Location"] = f"/api/workflows/{workflow.id}"
+    return response
+
+
+@routes.get("/api/workflows")
+async def list_workflows(request: web.Request) -> web.Response:
+    """List workflows, newest activity first; `limit` up to 500 (400 otherwise)."""
+    raw = request.query.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
+        raise InvalidInput("limit", f"limit must be 1 to {MAX_LIST}, got {raw!r}")
+
+    workflows = await request.app[STORE].list_workflows(int(raw))
+
+    body = ",".join(workflow_json(w, history=False) for w in workflows)
+    return web.Response(
+        text='{"workflows":[' + body + "]}", content_type="application/json"
+    )
+
+
+@routes.get("/api/workflows/{workflow_id}")
+async def get_workflow(request: web.Request) -> web.Response:
+    """Return one workflow with its recent history; 404 for an unknown id."""
+    workflow = await request.app[STORE].get_workflow(
+        request.match_info["workflow_id"], history=50
+    )
+    return workflow_response(workflow)
+
+
+@routes.post("/api/workflows/{workflow_id}/advance")
+async def advance(request: web.Request) -> web.Response:
+    """Finish the current step and start the next, with an optional message; 404, 409."""
+    actor = request.app[AUTH].bearer_actor(request)
+    body = await read_json(request)
+
+    workflow = await request.app[STORE].advance(
+        request.match_info["workflow_id"], actor, body.get("message")
+    )
+    return workflow_response(workflow)
+
+
+@routes.post("/api/workflows/{workflow_id}/status")
+async def set_status(request: web.Request) -> web.Response:
+    """Set {status, message?}; `reopen: true` revives a finished one; 400, 404, 409."""
+    actor = request.app[AUTH].bearer_actor(request)
+    body = await read_json(request)
+    status = clean_status(body.get("status"))
+    reopen = body.get("reopen", False)
+    if not isinstance(reopen, bool):
+        raise InvalidInput("reopen", "reopen must be true or false")
+
+    store = request.app[STORE]
+    workflow_id = request.match_info["workflow_id"]
+    message = body.get("message")
+    if reopen:
+        workflow = await store.reopen(workflow_id, actor, message, status)
+    else:
+        workflow = await store.set_status(workflow_id, status, actor, message)
+    return workflow_response(workflow)
+
+
+@routes.post("/api/workflows/{workflow_id}/message")
+async def set_message(request: web.Request) -> web.Response:
+    """Replace the message with {message}; 400 for a bad message, 404."""
+    actor = request.app[AUTH].bearer_actor(request)
+    body = await read_json(request)
+    if "message" not in body:
+        raise InvalidInput("message", "message is required")
+
+    workflow = await request.app[STORE].set_message(
+        request.match_info["workflow_id"], body["message"], actor
+    )
+    return workflow_response(workflow)
+
+
+@routes.post("/api/workflows/{workflow_id}/reset")
+async def reset(request: web.Request) -> web.Response:
+    """Send the workflow back to step 0 on purpose; 404."""
+    actor = request.app[AUTH].bearer_actor(request)
+    body = await read_json(request)
+
+    workflow = await request.app[STORE].reset(
+        request.match_info["workflow_id"], actor, body.get("message")
+    )
+    return workflow_response(workflow)
+
+
+@routes.get("/api/workflows/{workflow_id}/history", name="workflow_history")
+async def history(request: web.Request) -> web.Response:
+    """Return the newest events of a workflow, newest first; 404 for an unknown id."""
+    workflow = await request.app[STORE].get_workflow(
+        request.match_info["workflow_id"], history=200
+    )
+    events = [
+        {"seq": e.seq, "kind": e.kind, "actor": e.actor, "at": e.at, "summary": e.summary}
+        for e in workflow.history
+    ]
+    return web.json_response({"workflow_id": workflow.id, "events": events})

@@ -1,0 +1,70 @@
+"""What a new or returning subscriber is sent before the live stream.
+
+Shared by every transport: a snapshot for a new subscriber, the events it missed
+for one that resumes from a seq, or a fresh snapshot marked `resync` when the
+missed events cannot be served (another database, pruned or too long a gap).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .frames import frame_text
+from .model import Workflow
+from .store import Store
+
+HISTORY_IN_SNAPSHOT = 20
+
+
+def workflow_json(workflow: Workflow, history: bool = True) -> str:
+    state: dict[str, Any] = workflow.state()
+    if history:
+        state["history"] = [
+            {"seq": e.seq, "kind": e.kind, "actor": e.actor, "at": e.at, "summary": e.summary}
+            for e in workflow.history
+        ]
+    return json.dumps(state, ensure_ascii=False, separators=(",", ":"))
+
+
+async def snapshot_text(store: Store, workflow_id: str, reason: str) -> tuple[str, int]:
+    """Return a snapshot frame of the workflow as stored now, and its seq."""
+    workflow = await store.get_workflow(workflow_id, history=HISTORY_IN_SNAPSHOT)
+    text = frame_text("snapshot", store.epoch, workflow_json(workflow), reason=reason)
+    return text, workflow.seq
+
+
+async def opening_frames(
+    store: Store,
+    workflow_id: str,
+    after: int | None,
+    client_epoch: str | None,
+    max_resume_events: int,
+) -> tuple[list[str], int]:
+    """Return the frames to send first, and the seq the subscriber will be at."""
+    if after is None:
+        text, seq = await snapshot_text(store, workflow_id, "connect")
+        return [text], seq
+    if client_epoch != store.epoch:
+        text, seq = await snapshot_text(store, workflow_id, "resync")
+        return [text], seq
+
+    current = await store.get_workflow(workflow_id)
+    events = await store.events_after(workflow_id, after, max_resume_events + 1)
+    missing = current.seq - after
+    complete = (
+        0 <= missing <= max_resume_events
+        and len(events) >= missing
+        and (missing == 0 or events[0][0] == after + 1)
+    )
+    if not complete:
+        text, seq = await snapshot_text(store, workflow_id, "resync")
+        return [text], seq
+    frames = [frame_text("update", store.epoch, payload) for _, payload in events]
+    return frames, events[-1][0] if events else after
+
+
+async def list_snapshot_text(store: Store, limit: int) -> str:
+    workflows = await store.list_workflows(limit)
+    body = ",".join(workflow_json(w, history=False) for w in workflows)
+    return frame_text("list", store.epoch, '{"workflows":[' + body + "]}")

@@ -1,0 +1,45 @@
+"""Domain errors raised by the store and the rules, turned into answers by the app."""
+
+from __future__ import annotations
+
+
+class VaporaError(Exception):
+    """Base of the errors a caller can cause; each maps to one HTTP status."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+    def as_json(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+
+class InvalidInput(VaporaError):
+    status = 400
+    code = "invalid"
+
+
+class RuleViolation(VaporaError):
+    """The change is well-formed but the workflow's rules forbid it now."""
+
+    status = 409
+    code = "conflict"
+
+
+class NotFound(VaporaError):
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(VaporaError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(VaporaError):
+    status = 403
+    code = "forbidden"

@@ -1,0 +1,82 @@
+"""Wire encodings of a change, built once per change and shared by every socket.
+
+A frame's JSON text is made by splicing the stored payload (the JSON object saved
+with the event) after a short prefix, so no change is serialised per subscriber.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from .store import Change
+
+OP_TEXT = 0x1
+OP_CLOSE = 0x8
+
+
+def frame_text(kind: str, epoch: str, payload: str, **extra: Any) -> str:
+    """Return `payload` (a JSON object) with type, epoch and extra fields first."""
+    head = {"type": kind, "epoch": epoch, **extra}
+    prefix = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
+    if payload == "{}":
+        return prefix
+    return prefix[:-1] + "," + payload[1:]
+
+
+def ws_frame(data: bytes, opcode: int = OP_TEXT) -> bytes:
+    """Encode one unmasked, final WebSocket frame, as a server sends it."""
+    length = len(data)
+    first = 0x80 | opcode
+    if length < 126:
+        header = struct.pack("!BB", first, length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", first, 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 127, length)
+    return header + data
+
+
+def sse_event(seq: int | None, event: str, text: str) -> bytes:
+    """Encode one Server-Sent Event; its id is the seq, for Last-Event-ID."""
+    lines = [f"event: {event}"]
+    if seq is not None:
+        lines.append(f"id: {seq}")
+    lines.extend(f"data: {line}" for line in text.split("\n"))
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+class Outgoing:
+    """One change on its way out, with each encoding made at most once."""
+
+    __slots__ = ("change", "epoch", "_text", "_ws", "_sse")
+
+    def __init__(self, change: Change, epoch: str) -> None:
+        self.change = change
+        self.epoch = epoch
+        self._text: bytes | None = None
+        self._ws: bytes | None = None
+        self._sse: bytes | None = None
+
+    @property
+    def seq(self) -> int:
+        return self.change.seq
+
+    @property
+    def text(self) -> bytes:
+        if self._text is None:
+            self._text = frame_text("update", self.epoch, self.change.payload).encode()
+        return self._text
+
+    @property
+    def ws(self) -> bytes:
+        if self._ws is None:
+            self._ws = ws_frame(self.text)
+        return self._ws
+
+    @property
+    def sse(self) -> bytes:
+        if self._sse is None:
+            self._sse = sse_event(self.seq, "update", self.text.decode())
+        return self._sse

@@ -1,0 +1,450 @@
+"""The SQLite store: workflows, their event log, and the server's own records.
+
+Every change runs in one transaction that raises the workflow's seq by one and
+appends the matching event; only after the commit are listeners told, in commit
+order, so the hub never sees a change that could still roll back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .errors import NotFound, RuleViolation
+from .model import (
+    MAX_MESSAGE_CHARS,
+    MAX_NAME_CHARS,
+    Event,
+    Status,
+    Step,
+    Workflow,
+    clean_steps,
+    clean_text,
+    summarize,
+    utc_now,
+)
+
+logger = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 5000
+
+# Each entry upgrades the schema by one version; PRAGMA user_version records how
+# far a file has come. Never edit a released entry: append a new one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE workflows (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        current_step INTEGER NOT NULL,
+        steps TEXT NOT NULL,
+        message TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        seq INTEGER NOT NULL
+    );
+    CREATE INDEX workflows_by_activity ON workflows (updated_at DESC);
+    CREATE TABLE events (
+        workflow_id TEXT NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        at TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        PRIMARY KEY (workflow_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE sessions (
+        token_hash TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(slots=True, frozen=True)
+class Change:
+    """A committed change: the workflow's new seq and the update as JSON text."""
+
+    workflow_id: str
+    seq: int
+    payload: str
+    status: Status
+
+
+Listener = Callable[[Change], None]
+
+
+def new_workflow_id() -> str:
+    """Return a short, URL-safe, random id (72 bits)."""
+    return secrets.token_urlsafe(9)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Store:
+    """Workflows in one SQLite file, with a writer and a reader connection."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self.epoch = ""
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+        self._listeners: list[Listener] = []
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the file, creating or migrating its schema."""
+        self._writer = await self._connect()
+        await self._writer.execute("PRAGMA journal_mode = WAL")
+        await self._migrate(self._writer)
+        self._reader = await self._connect()
+        self.epoch = await self._ensure_meta("epoch", lambda: secrets.token_hex(8))
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = aiosqlite.Row
+        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        # WAL with NORMAL survives a killed process; only a power cut can take
+        # the last transactions.
+        await conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        version = await self._user_version(conn)
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, newer than this "
+                f"Vapora understands ({SCHEMA_VERSION}); upgrade Vapora"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        await conn.execute(statement)
+                await conn.execute(f"PRAGMA user_version = {number + 1}")
+                await conn.execute("COMMIT")
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            logger.info("Migrated %s to schema version %d", self.path, number + 1)
+
+    @staticmethod
+    async def _user_version(conn: aiosqlite.Connection) -> int:
+        async with conn.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    @property
+    def writer(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        return self._writer
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise RuntimeError("store is not open")
+        return self._reader
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call listener with every change, after it commits, in seq order."""
+        self._listeners.append(listener)
+
+    # -- meta and sessions ---------------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        async with self.reader.execute(
+            "SELECT value FROM meta WHERE key = ?", (key,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async with self._write_lock:
+            await self.writer.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    async def _ensure_meta(self, key: str, make: Callable[[], str]) -> str:
+        value = await self.get_meta(key)
+        if value is None:
+            value = make()
+            await self.set_meta(key, value)
+        return value
+
+    async def add_session(self, token: str, expires_at: str) -> None:
+        async with self._write_lock:
+            await self.writer.execute(
+                "INSERT INTO sessions (token_hash, created_at, expires_at) "
+                "VALUES (?, ?, ?)",
+                (hash_secret(token), utc_now(), expires_at),
+            )
+
+    async def session_valid(self, token: str) -> bool:
+        async with self.reader.execute(
+            "SELECT 1 FROM sessions WHERE token_hash = ? AND expires_at > ?",
+            (hash_secret(token), utc_now()),
+        ) as cursor:
+            return await cursor.fetchone() is not None
+
+    async def drop_session(self, token: str) -> None:
+        async with self._write_lock:
+            await self.writer.execute(
+                "DELETE FROM sessions WHERE token_hash = ? OR expires_at <= ?",
+                (hash_secret(token), utc_now()),
+            )
+
+    # -- reads ---------------------------------------------------------------
+
+    async def get_workflow(self, workflow_id: str, history: int = 0) -> Workflow:
+        """Return one workflow, with its newest `history` events; NotFound if none."""
+        async with self.reader.execute(
+            "SELECT * FROM workflows WHERE id = ?", (workflow_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            raise NotFound("workflow_id", f"no workflow with id {workflow_id!r}")
+        workflow = _workflow_from_row(row)
+        if history:
+            workflow.history = await self.history(workflow_id, history)
+        return workflow
+
+    async def list_workflows(self, limit: int = 100) -> list[Workflow]:
+        """Return workflows, newest activity first."""
+        async with self.reader.execute(
+            "SELECT * FROM workflows ORDER BY updated_at DESC, id LIMIT ?", (limit,)
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [_workflow_from_row(row) for row in rows]
+
+    async def history(self, workflow_id: str, limit: int) -> list[Event]:
+        """Return the newest events of a workflow, newest first."""
+        async with self.reader.execute(
+            "SELECT workflow_id, seq, kind, actor, at, summary FROM events "
+            "WHERE workflow_id = ? ORDER BY seq DESC LIMIT ?",
+            (workflow_id, limit),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [Event(*row) for row in rows]
+
+    async def events_after(
+        self, workflow_id: str, after_seq: int, limit: int
+    ) -> list[tuple[int, str]]:
+        """Return (seq, payload) of the events after after_seq, oldest first."""
+        async with self.reader.execute(
+            "SELECT seq, payload FROM events WHERE workflow_id = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (workflow_id, after_seq, limit),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [(int(row[0]), str(row[1])) for row in rows]
+
+    # -- writes --------------------------------------------------------------
+
+    async def create_workflow(
+        self, name: Any, steps: Any, actor: str, message: Any = ""
+    ) -> Workflow:
+        """Create a workflow at step 0 of N; InvalidInput names a bad field."""
+        name = clean_text(name, "name", MAX_NAME_CHARS, required=True)
+        step_names = clean_steps(steps)
+        message = clean_text(message, "message", MAX_MESSAGE_CHARS, required=False)
+        now = utc_now()
+        workflow = Workflow(
+            id=new_workflow_id(),
+            name=name,
+            status=Status.PENDING,
+            current_step=0,
+            steps=[Step(n) for n in step_names],
+            message=message,
+            created_at=now,
+            updated_at=now,
+            seq=1,
+        )
+        async with self._write_lock:
+            change = await self._commit(workflow, "created", actor, now, True, new=True)
+            self._notify(change)
+        return workflow
+
+    async def advance(self, workflow_id: str, actor: str, message: Any = None) -> Workflow:
+        """Finish the current step and start the next; past the last, complete."""
+        return await self._change(
+            workflow_id, actor, message, lambda wf, now: wf.advance(now)
+        )
+
+    async def set_status(
+        self, workflow_id: str, status: Status, actor: str, message: Any = None
+    ) -> Workflow:
+        """Set the status; a finished workflow must be reopened first."""
+        return await self._change(
+            workflow_id, actor, message, lambda wf, now: wf.set_status(status, now)
+        )
+
+    async def set_message(self, workflow_id: str, message: Any, actor: str) -> Workflow:
+        """Replace the workflow's message."""
+        if message is None:
+            message = ""
+        return await self._change(workflow_id, actor, message, lambda wf, now: "message")
+
+    async def reopen(
+        self,
+        workflow_id: str,
+        actor: str,
+        message: Any = None,
+        status: Status = Status.RUNNING,
+    ) -> Workflow:
+        """Bring a completed, failed or cancelled workflow back, running by default."""
+
+        def rule(wf: Workflow, now: str) -> str:
+            wf.reopen(now)
+            wf.set_status(status, now)
+            return "reopened"
+
+        return await self._change(workflow_id, actor, message, rule)
+
+    async def reset(self, workflow_id: str, actor: str, message: Any = None) -> Workflow:
+        """Send the workflow back to step 0, on a person's explicit request."""
+        return await self._change(workflow_id, actor, message, lambda wf, now: wf.reset())
+
+    async def _change(
+        self,
+        workflow_id: str,
+        actor: str,
+        message: Any,
+        rule: Callable[[Workflow, str], str],
+    ) -> Workflow:
+        if message is not None:
+            message = clean_text(message, "message", MAX_MESSAGE_CHARS, required=False)
+        async with self._write_lock:
+            async with self.writer.execute(
+                "SELECT * FROM workflows WHERE id = ?", (workflow_id,)
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                raise NotFound("workflow_id", f"no workflow with id {workflow_id!r}")
+            workflow = _workflow_from_row(row)
+            now = utc_now()
+            kind = rule(workflow, now)
+            message_changed = message is not None and message != workflow.message
+            if message is not None:
+                workflow.message = message
+            workflow.updated_at = now
+            workflow.seq += 1
+            change = await self._commit(workflow, kind, actor, now, message_changed)
+            self._notify(change)
+        return workflow
+
+    async def _commit(
+        self,
+        wf: Workflow,
+        kind: str,
+        actor: str,
+        now: str,
+        message_changed: bool,
+        new: bool = False,
+    ) -> Change:
+        summary = summarize(kind, wf, message_changed)
+        payload = dict(wf.state(), kind=kind, actor=actor, summary=summary)
+        payload_json = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        steps_json = json.dumps(
+            [s.as_dict() for s in wf.steps], ensure_ascii=False, separators=(",", ":")
+        )
+        db = self.writer
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            if new:
+                await db.execute(
+                    "INSERT INTO workflows (id, name, status, current_step, steps, "
+                    "message, created_at, updated_at, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        wf.id,
+                        wf.name,
+                        wf.status.value,
+                        wf.current_step,
+                        steps_json,
+                        wf.message,
+                        wf.created_at,
+                        wf.updated_at,
+                        wf.seq,
+                    ),
+                )
+            else:
+                cursor = await db.execute(
+                    "UPDATE workflows SET status = ?, current_step = ?, steps = ?, "
+                    "message = ?, updated_at = ?, seq = ? WHERE id = ? AND seq = ?",
+                    (
+                        wf.status.value,
+                        wf.current_step,
+                        steps_json,
+                        wf.message,
+                        wf.updated_at,
+                        wf.seq,
+                        wf.id,
+                        wf.seq - 1,
+                    ),
+                )
+                if cursor.rowcount != 1:
+                    raise RuleViolation(
+                        "seq", f"workflow {wf.id} changed under this write; retry it"
+                    )
+            await db.execute(
+                "INSERT INTO events (workflow_id, seq, kind, actor, at, summary, "
+                "payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (wf.id, wf.seq, kind, actor, now, summary, payload_json),
+            )
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        wf.history = []
+        return Change(wf.id, wf.seq, payload_json, wf.status)
+
+    def _notify(self, change: Change) -> None:
+        for listener in self._listeners:
+            try:
+                listener(change)
+            except Exception:
+                logger.exception("Listener failed on %s seq %d", change.workflow_id, change.seq)
+
+
+def _workflow_from_row(row: aiosqlite.Row) -> Workflow:
+    return Workflow(
+        id=row["id"],
+        name=row["name"],
+        status=Status(row["status"]),
+        current_step=row["current_step"],
+        steps=[Step.from_dict(s) for s in json.loads(row["steps"])],
+        message=row["message"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        seq=row["seq"],
+    )
+
