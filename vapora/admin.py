@@ -47,7 +47,7 @@ async def login_page(request: web.Request) -> web.Response:
 
 @routes.post("/admin/login", name="login_submit")
 async def login(request: web.Request) -> web.Response:
-    """Sign in with the admin token; 401 re-renders the form, 403 on a bad CSRF token."""
+    """Sign in with the admin token; 401 re-renders the form; 403 for bad CSRF."""
     form = await read_form(request)
     auth = request.app[AUTH]
 
@@ -78,7 +78,10 @@ async def admin_page(request: web.Request) -> web.Response:
 
 
 async def render_admin(
-    request: web.Request, errors: dict[str, str], values: dict[str, str], status: int = 200
+    request: web.Request,
+    errors: dict[str, str],
+    values: dict[str, str],
+    status: int = 200,
 ) -> web.Response:
     workflows = await request.app[STORE].list_workflows(200)
     context = {"workflows": workflows, "errors": errors, "values": values}
@@ -93,7 +96,10 @@ async def create_workflow(request: web.Request) -> web.Response:
 
     try:
         workflow = await request.app[STORE].create_workflow(
-            form.get("name"), form.get("steps", ""), ADMIN_ACTOR, form.get("message", "")
+            form.get("name"),
+            form.get("steps", ""),
+            ADMIN_ACTOR,
+            form.get("message", ""),
         )
     except VaporaError as error:
         return await render_admin(
@@ -154,7 +160,9 @@ def workflow_form(name: str, action: FormAction) -> None:
         raise web.HTTPSeeOther(url.with_query(done=name))
 
     handler.__doc__ = f"Apply the {name} form; 400 or 409 re-render it with the reason."
-    routes.post(f"/admin/workflows/{{workflow_id}}/{name}", name=f"admin_{name}")(handler)
+    routes.post(f"/admin/workflows/{{workflow_id}}/{name}", name=f"admin_{name}")(
+        handler
+    )
 
 
 def message_of(form: Any) -> str | None:

@@ -77,7 +77,7 @@ async def get_workflow(request: web.Request) -> web.Response:
 
 @routes.post("/api/workflows/{workflow_id}/advance")
 async def advance(request: web.Request) -> web.Response:
-    """Finish the current step and start the next, with an optional message; 404, 409."""
+    """Finish the current step and start the next; 404, 409 when finished."""
     actor = request.app[AUTH].bearer_actor(request)
     body = await read_json(request)
 
@@ -140,7 +140,13 @@ async def history(request: web.Request) -> web.Response:
         request.match_info["workflow_id"], history=200
     )
     events = [
-        {"seq": e.seq, "kind": e.kind, "actor": e.actor, "at": e.at, "summary": e.summary}
+        {
+            "seq": e.seq,
+            "kind": e.kind,
+            "actor": e.actor,
+            "at": e.at,
+            "summary": e.summary,
+        }
         for e in workflow.history
     ]
     return web.json_response({"workflow_id": workflow.id, "events": events})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -11,13 +12,13 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from . import admin, api, pages, ws
+from . import admin, api, pages, sse, ws
 from .app_keys import AUTH, HUB, SETTINGS, STORE
 from .auth import Auth, csrf_cookie_middleware
 from .errors import VaporaError
 from .hub import Hub
-from .settings import Settings
 from .model import utc_now
+from .settings import Settings
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -52,17 +53,25 @@ def error_response(
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer domain and HTTP errors as JSON for API callers and as a page for people."""
+async def error_middleware(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """Answer errors as JSON to API callers and as a page to people."""
     try:
         return await handler(request)
     except VaporaError as error:
-        return error_response(request, error.status, error.code, error.message, error.field)
+        return error_response(
+            request, error.status, error.code, error.message, error.field
+        )
     except web.HTTPException as exc:
         if exc.status < 400 or exc.empty_body:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+        message = (
+            exc.text
+            if exc.text and not exc.text.startswith(str(exc.status))
+            else exc.reason
+        )
         return error_response(request, exc.status, code, message, None)
 
 
@@ -88,13 +97,23 @@ async def security_headers_middleware(
 
 async def template_context(request: web.Request) -> dict[str, Any]:
     auth = request.app[AUTH]
-    return {"csrf_token": auth.csrf_token(request), "request": request}
+    # A client that hears nothing for this long treats its link as dead.
+    silence_ms = int(request.app[SETTINGS].heartbeat_s * 2500) + 5000
+    return {
+        "csrf_token": auth.csrf_token(request),
+        "request": request,
+        "silence_ms": silence_ms,
+    }
 
 
 def create_app(settings: Settings) -> web.Application:
     """Return the application for these settings; the store opens on start-up."""
     app = web.Application(
-        middlewares=[security_headers_middleware, error_middleware, csrf_cookie_middleware],
+        middlewares=[
+            security_headers_middleware,
+            error_middleware,
+            csrf_cookie_middleware,
+        ],
         client_max_size=256 * 1024,
     )
     store = Store(settings.db)
@@ -118,7 +137,14 @@ def create_app(settings: Settings) -> web.Application:
 
     app.router.add_get("/api/updates", ws.list_socket, name="list_socket")
     app.router.add_get(
-        "/api/workflows/{workflow_id}/updates", ws.workflow_socket, name="workflow_socket"
+        "/api/workflows/{workflow_id}/updates",
+        ws.workflow_socket,
+        name="workflow_socket",
+    )
+    app.router.add_get(
+        "/api/workflows/{workflow_id}/events",
+        sse.workflow_events,
+        name="workflow_events",
     )
     app.router.add_routes(api.routes)
     app.router.add_routes(pages.routes)
@@ -137,7 +163,10 @@ def create_app(settings: Settings) -> web.Application:
 async def _store_and_hub(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     await store.open()
-    app[HUB].epoch = store.epoch
+    hub = app[HUB]
+    hub.epoch = store.epoch
     await app[AUTH].setup()
+    heartbeats = asyncio.create_task(hub.run_heartbeats(app[SETTINGS].heartbeat_s))
     yield
+    heartbeats.cancel()
     await store.close()

@@ -21,12 +21,14 @@ SESSION_COOKIE = "vapora_session"
 CSRF_COOKIE = "vapora_csrf"
 CSRF_FIELD = "csrf_token"
 ADMIN_ACTOR = "admin"
+# A CSRF seed made for this request, before its cookie reaches the browser.
+NEW_CSRF_SEED = web.RequestKey("new_csrf_seed", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Auth:
-    """Checks the admin token, keeps admin sessions, and makes and checks CSRF tokens."""
+    """Checks the admin token, keeps admin sessions, and signs CSRF tokens."""
 
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
@@ -68,7 +70,8 @@ class Auth:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized(
-                "Authorization", "send Authorization: Bearer <token> to change workflows"
+                "Authorization",
+                "send Authorization: Bearer <token> to change workflows",
             )
         if not self.is_admin_token(token.strip()):
             raise Unauthorized("Authorization", "that token is not valid")
@@ -95,7 +98,9 @@ class Auth:
             path="/",
         )
 
-    async def sign_out(self, request: web.Request, response: web.StreamResponse) -> None:
+    async def sign_out(
+        self, request: web.Request, response: web.StreamResponse
+    ) -> None:
         token = request.cookies.get(SESSION_COOKIE)
         if token:
             await self.store.drop_session(token)
@@ -104,7 +109,7 @@ class Auth:
     # -- CSRF: a token signed over a random per-browser cookie ----------------
 
     def csrf_token(self, request: web.Request) -> str:
-        seed = request.get(CSRF_COOKIE) or request.cookies.get(CSRF_COOKIE, "")
+        seed = request.get(NEW_CSRF_SEED) or request.cookies.get(CSRF_COOKIE, "")
         return hmac.new(self._secret, seed.encode(), hashlib.sha256).hexdigest()
 
     def check_csrf(self, request: web.Request, submitted: str) -> None:
@@ -117,12 +122,14 @@ class Auth:
 
 
 @web.middleware
-async def csrf_cookie_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give every browser a random CSRF seed cookie the first time it asks for a page."""
+async def csrf_cookie_middleware(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """Give each browser a random CSRF seed cookie on its first request."""
     new_seed = None
     if CSRF_COOKIE not in request.cookies:
         new_seed = secrets.token_urlsafe(24)
-        request[CSRF_COOKIE] = new_seed
+        request[NEW_CSRF_SEED] = new_seed
     response = await handler(request)
     if new_seed is not None and not response.prepared:
         response.set_cookie(

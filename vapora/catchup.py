@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .frames import frame_text
-from .model import Workflow
+from .frames import Encoded, frame_text
+from .model import Workflow, utc_now
 from .store import Store
 
 HISTORY_IN_SNAPSHOT = 20
@@ -21,17 +21,25 @@ def workflow_json(workflow: Workflow, history: bool = True) -> str:
     state: dict[str, Any] = workflow.state()
     if history:
         state["history"] = [
-            {"seq": e.seq, "kind": e.kind, "actor": e.actor, "at": e.at, "summary": e.summary}
+            {
+                "seq": e.seq,
+                "kind": e.kind,
+                "actor": e.actor,
+                "at": e.at,
+                "summary": e.summary,
+            }
             for e in workflow.history
         ]
     return json.dumps(state, ensure_ascii=False, separators=(",", ":"))
 
 
-async def snapshot_text(store: Store, workflow_id: str, reason: str) -> tuple[str, int]:
-    """Return a snapshot frame of the workflow as stored now, and its seq."""
+async def snapshot(store: Store, workflow_id: str, reason: str) -> Encoded:
+    """Return a snapshot frame of the workflow as stored now."""
     workflow = await store.get_workflow(workflow_id, history=HISTORY_IN_SNAPSHOT)
-    text = frame_text("snapshot", store.epoch, workflow_json(workflow), reason=reason)
-    return text, workflow.seq
+    text = frame_text(
+        "snapshot", store.epoch, workflow_json(workflow), reason=reason, now=utc_now()
+    )
+    return Encoded("snapshot", workflow.seq, text.encode())
 
 
 async def opening_frames(
@@ -40,14 +48,12 @@ async def opening_frames(
     after: int | None,
     client_epoch: str | None,
     max_resume_events: int,
-) -> tuple[list[str], int]:
-    """Return the frames to send first, and the seq the subscriber will be at."""
+) -> list[Encoded]:
+    """Return the frames to send first, oldest first."""
     if after is None:
-        text, seq = await snapshot_text(store, workflow_id, "connect")
-        return [text], seq
+        return [await snapshot(store, workflow_id, "connect")]
     if client_epoch != store.epoch:
-        text, seq = await snapshot_text(store, workflow_id, "resync")
-        return [text], seq
+        return [await snapshot(store, workflow_id, "resync")]
 
     current = await store.get_workflow(workflow_id)
     events = await store.events_after(workflow_id, after, max_resume_events + 1)
@@ -58,13 +64,17 @@ async def opening_frames(
         and (missing == 0 or events[0][0] == after + 1)
     )
     if not complete:
-        text, seq = await snapshot_text(store, workflow_id, "resync")
-        return [text], seq
-    frames = [frame_text("update", store.epoch, payload) for _, payload in events]
-    return frames, events[-1][0] if events else after
+        return [await snapshot(store, workflow_id, "resync")]
+    return [
+        Encoded("update", seq, frame_text("update", store.epoch, payload).encode())
+        for seq, payload in events
+    ]
 
 
-async def list_snapshot_text(store: Store, limit: int) -> str:
+async def list_snapshot(store: Store, limit: int) -> Encoded:
     workflows = await store.list_workflows(limit)
     body = ",".join(workflow_json(w, history=False) for w in workflows)
-    return frame_text("list", store.epoch, '{"workflows":[' + body + "]}")
+    text = frame_text(
+        "list", store.epoch, '{"workflows":[' + body + "]}", now=utc_now()
+    )
+    return Encoded("list", None, text.encode())

@@ -88,7 +88,9 @@ async def serve(settings: Settings) -> None:
     for address in runner.addresses:
         host, port = address[0], address[1]
         shown = f"[{host}]" if ":" in host else host
-        logger.info("Vapora is serving http://%s:%d/ (database %s)", shown, port, settings.db)
+        logger.info(
+            "Vapora is serving http://%s:%d/ (database %s)", shown, port, settings.db
+        )
     await stop.wait()
     logger.info("Shutting down")
     await runner.cleanup()

@@ -15,7 +15,9 @@ class VaporaError(Exception):
         self.message = message
 
     def as_json(self) -> dict[str, dict[str, str | None]]:
-        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+        return {
+            "error": {"code": self.code, "message": self.message, "field": self.field}
+        }
 
 
 class InvalidInput(VaporaError):

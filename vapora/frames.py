@@ -47,26 +47,21 @@ def sse_event(seq: int | None, event: str, text: str) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
-class Outgoing:
-    """One change on its way out, with each encoding made at most once."""
+class Encoded:
+    """A frame's JSON text with its wire encodings, each made at most once."""
 
-    __slots__ = ("change", "epoch", "_text", "_ws", "_sse")
+    __slots__ = ("event", "seq", "_text", "_ws", "_sse")
 
-    def __init__(self, change: Change, epoch: str) -> None:
-        self.change = change
-        self.epoch = epoch
-        self._text: bytes | None = None
+    def __init__(self, event: str, seq: int | None, text: bytes | None = None) -> None:
+        self.event = event
+        self.seq = seq
+        self._text = text
         self._ws: bytes | None = None
         self._sse: bytes | None = None
 
     @property
-    def seq(self) -> int:
-        return self.change.seq
-
-    @property
     def text(self) -> bytes:
-        if self._text is None:
-            self._text = frame_text("update", self.epoch, self.change.payload).encode()
+        assert self._text is not None
         return self._text
 
     @property
@@ -78,5 +73,28 @@ class Outgoing:
     @property
     def sse(self) -> bytes:
         if self._sse is None:
-            self._sse = sse_event(self.seq, "update", self.text.decode())
+            self._sse = sse_event(self.seq, self.event, self.text.decode())
         return self._sse
+
+
+class Outgoing(Encoded):
+    """One committed change on its way out; its text is built on first use."""
+
+    __slots__ = ("change", "epoch")
+
+    def __init__(self, change: Change, epoch: str) -> None:
+        super().__init__("update", change.seq)
+        self.change = change
+        self.epoch = epoch
+
+    @property
+    def text(self) -> bytes:
+        if self._text is None:
+            self._text = frame_text("update", self.epoch, self.change.payload).encode()
+        return self._text
+
+
+def heartbeat(now: str) -> Encoded:
+    return Encoded(
+        "heartbeat", None, frame_text("heartbeat", "", "{}", now=now).encode()
+    )

@@ -11,7 +11,8 @@ import asyncio
 import logging
 from typing import Protocol
 
-from .frames import Outgoing
+from .frames import Encoded, Outgoing, heartbeat
+from .model import utc_now
 from .store import Change
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,9 @@ class Subscriber(Protocol):
 
     def deliver(self, out: Outgoing) -> None:
         """Take one change without blocking; never raise."""
+
+    def heartbeat(self, beat: Encoded) -> None:
+        """Take the shared heartbeat frame without blocking; never raise."""
 
     async def close(self, code: int, reason: str) -> None:
         """Close the underlying connection with a close code."""
@@ -72,6 +76,22 @@ class Hub:
         except Exception:
             logger.exception("Dropping a subscriber of %s that failed", sub.workflow_id)
             self.unsubscribe(sub)
+
+    def beat(self) -> None:
+        """Send every subscriber a heartbeat, so clients can tell a dead link."""
+        beat = heartbeat(utc_now())
+        for group in (*self._groups.values(), self._everything):
+            for sub in tuple(group):
+                try:
+                    sub.heartbeat(beat)
+                except Exception:
+                    logger.exception("Dropping a subscriber that failed a heartbeat")
+                    self.unsubscribe(sub)
+
+    async def run_heartbeats(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.beat()
 
     def subscribers(self, workflow_id: str | None = None) -> int:
         """Count subscribers: of one workflow, or in all."""

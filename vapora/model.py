@@ -68,14 +68,15 @@ def clean_text(value: Any, field_name: str, max_chars: int, required: bool) -> s
         value = ""
     if not isinstance(value, str):
         raise InvalidInput(field_name, f"{field_name} must be a string")
-    value = value.strip()
-    if required and not value:
+    text: str = value.strip()
+    if required and not text:
         raise InvalidInput(field_name, f"{field_name} is required")
-    if len(value) > max_chars:
+    if len(text) > max_chars:
         raise InvalidInput(
-            field_name, f"{field_name} is {len(value)} characters; the limit is {max_chars}"
+            field_name,
+            f"{field_name} is {len(text)} characters; the limit is {max_chars}",
         )
-    for ch in value:
+    for ch in text:
         category = unicodedata.category(ch)
         if category == "Cc" and ch not in "\n\t":
             raise InvalidInput(
@@ -83,9 +84,10 @@ def clean_text(value: Any, field_name: str, max_chars: int, required: bool) -> s
             )
         if category == "Cs":
             raise InvalidInput(
-                field_name, f"{field_name} contains an unpaired surrogate U+{ord(ch):04X}"
+                field_name,
+                f"{field_name} contains an unpaired surrogate U+{ord(ch):04X}",
             )
-    return value
+    return text
 
 
 def clean_steps(value: Any) -> list[str]:
@@ -131,7 +133,10 @@ class Step:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Step:
         return cls(
-            data["name"], StepState(data["state"]), data["started_at"], data["finished_at"]
+            data["name"],
+            StepState(data["state"]),
+            data["started_at"],
+            data["finished_at"],
         )
 
 
@@ -218,7 +223,7 @@ class Workflow:
                 "status",
                 "a started workflow cannot go back to pending; reset it instead",
             )
-        if status is not Status.PENDING and self.current_step == 0:
+        if self.current_step == 0:
             self.current_step = 1
             self._start_current(now)
         current = self.steps[self.current_step - 1]
@@ -237,7 +242,9 @@ class Workflow:
 
     def reopen(self, now: str) -> str:
         if not self.status.is_final:
-            raise RuleViolation("status", f"workflow is {self.status.value}, not finished")
+            raise RuleViolation(
+                "status", f"workflow is {self.status.value}, not finished"
+            )
         for step in self.steps:
             if step.state is StepState.SKIPPED:
                 step.state = StepState.PENDING

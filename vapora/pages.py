@@ -41,8 +41,9 @@ def step_duration(step: Step) -> str:
         return ""
     end = step.finished_at or step.started_at
     seconds = int(
-        (datetime.fromisoformat(end) - datetime.fromisoformat(step.started_at))
-        .total_seconds()
+        (
+            datetime.fromisoformat(end) - datetime.fromisoformat(step.started_at)
+        ).total_seconds()
     )
     return format_seconds(seconds)
 

@@ -48,7 +48,9 @@ class Settings:
 
     @classmethod
     def load(
-        cls, given: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+        cls,
+        given: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> Settings:
         """Build settings from given values, then VAPORA_* variables, then defaults.
 

@@ -293,7 +293,9 @@ class Store:
             self._notify(change)
         return workflow
 
-    async def advance(self, workflow_id: str, actor: str, message: Any = None) -> Workflow:
+    async def advance(
+        self, workflow_id: str, actor: str, message: Any = None
+    ) -> Workflow:
         """Finish the current step and start the next; past the last, complete."""
         return await self._change(
             workflow_id, actor, message, lambda wf, now: wf.advance(now)
@@ -311,7 +313,9 @@ class Store:
         """Replace the workflow's message."""
         if message is None:
             message = ""
-        return await self._change(workflow_id, actor, message, lambda wf, now: "message")
+        return await self._change(
+            workflow_id, actor, message, lambda wf, now: "message"
+        )
 
     async def reopen(
         self,
@@ -329,9 +333,13 @@ class Store:
 
         return await self._change(workflow_id, actor, message, rule)
 
-    async def reset(self, workflow_id: str, actor: str, message: Any = None) -> Workflow:
+    async def reset(
+        self, workflow_id: str, actor: str, message: Any = None
+    ) -> Workflow:
         """Send the workflow back to step 0, on a person's explicit request."""
-        return await self._change(workflow_id, actor, message, lambda wf, now: wf.reset())
+        return await self._change(
+            workflow_id, actor, message, lambda wf, now: wf.reset()
+        )
 
     async def _change(
         self,
@@ -432,7 +440,9 @@ class Store:
             try:
                 listener(change)
             except Exception:
-                logger.exception("Listener failed on %s seq %d", change.workflow_id, change.seq)
+                logger.exception(
+                    "Listener failed on %s seq %d", change.workflow_id, change.seq
+                )
 
 
 def _workflow_from_row(row: aiosqlite.Row) -> Workflow:
@@ -447,4 +457,3 @@ def _workflow_from_row(row: aiosqlite.Row) -> Workflow:
         updated_at=row["updated_at"],
         seq=row["seq"],
     )
-

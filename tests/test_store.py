@@ -1,0 +1,254 @@
+"""The store's rules, on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from vapora.errors import InvalidInput, NotFound, RuleViolation
+from vapora.model import Status, StepState
+from vapora.store import SCHEMA_VERSION, Change, Store
+
+
+async def test_new_workflow_starts_pending_at_step_zero(store: Store) -> None:
+    wf = await store.create_workflow("Deploy", ["build", "test"], "admin")
+
+    assert wf.status is Status.PENDING
+    assert (wf.current_step, wf.total_steps, wf.seq) == (0, 2, 1)
+    assert [s.state for s in wf.steps] == [StepState.PENDING, StepState.PENDING]
+    assert wf.created_at.endswith("+00:00")
+
+
+async def test_ids_are_short_url_safe_and_unrelated(store: Store) -> None:
+    ids = [(await store.create_workflow("w", ["a"], "admin")).id for _ in range(20)]
+
+    assert len(set(ids)) == 20
+    assert all(
+        len(i) == 12 and i.replace("-", "").replace("_", "").isalnum() for i in ids
+    )
+    assert len({i[:6] for i in ids}) == 20
+
+
+@pytest.mark.parametrize(
+    ("name", "steps", "field"),
+    [
+        ("", ["a"], "name"),
+        ("   ", ["a"], "name"),
+        ("x" * 201, ["a"], "name"),
+        ("ok", [], "steps"),
+        ("ok", ["a", ""], "steps"),
+        ("ok", "not\x00ok", "steps"),
+        ("bell\x07", ["a"], "name"),
+        ("half \ud800 surrogate", ["a"], "name"),
+        (42, ["a"], "name"),
+    ],
+)
+async def test_bad_workflow_is_refused_and_nothing_saved(
+    store: Store, name: object, steps: object, field: str
+) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        await store.create_workflow(name, steps, "admin")
+
+    assert caught.value.field == field
+    assert await store.list_workflows() == []
+
+
+async def test_unicode_text_is_kept_exactly(store: Store) -> None:
+    name = "Déploiement 🚀 نشر 部署"
+
+    wf = await store.create_workflow(name, ["étape ✓"], "admin", "مرحبا 👋")
+
+    again = await store.get_workflow(wf.id)
+    assert (again.name, again.steps[0].name, again.message) == (
+        name,
+        "étape ✓",
+        "مرحبا 👋",
+    )
+
+
+async def test_advance_walks_the_steps_and_completes_past_the_last(
+    store: Store,
+) -> None:
+    wf = await store.create_workflow("Deploy", ["build", "test"], "admin")
+
+    first = await store.advance(wf.id, "admin")
+    assert (first.status, first.current_step) == (Status.RUNNING, 1)
+    assert first.steps[0].state is StepState.RUNNING
+    assert first.steps[0].started_at is not None
+
+    second = await store.advance(wf.id, "admin", "testing")
+    assert second.current_step == 2
+    assert second.steps[0].state is StepState.DONE
+    assert second.steps[0].finished_at is not None
+    assert second.message == "testing"
+
+    done = await store.advance(wf.id, "admin")
+    assert (done.status, done.current_step, done.percent) == (Status.COMPLETED, 2, 100)
+    assert [s.state for s in done.steps] == [StepState.DONE, StepState.DONE]
+
+
+async def test_completed_is_final_until_reopened(store: Store) -> None:
+    wf = await store.create_workflow("Deploy", ["only"], "admin")
+    await store.advance(wf.id, "admin")
+    await store.advance(wf.id, "admin")
+
+    with pytest.raises(RuleViolation):
+        await store.advance(wf.id, "admin")
+    with pytest.raises(RuleViolation):
+        await store.set_status(wf.id, Status.RUNNING, "admin")
+    assert (await store.get_workflow(wf.id)).current_step == 1
+
+    reopened = await store.reopen(wf.id, "admin")
+    assert reopened.status is Status.RUNNING
+    assert reopened.steps[0].state is StepState.RUNNING
+
+
+@pytest.mark.parametrize("final", [Status.FAILED, Status.CANCELLED])
+async def test_failed_and_cancelled_are_final(store: Store, final: Status) -> None:
+    wf = await store.create_workflow("Deploy", ["a", "b"], "admin")
+    await store.advance(wf.id, "admin")
+
+    ended = await store.set_status(wf.id, final, "admin")
+
+    assert ended.steps[0].state.value == final.value
+    with pytest.raises(RuleViolation):
+        await store.advance(wf.id, "admin")
+    with pytest.raises(RuleViolation):
+        await store.set_status(wf.id, Status.PAUSED, "admin")
+
+
+async def test_step_never_goes_back_except_by_reset(store: Store) -> None:
+    wf = await store.create_workflow("Deploy", ["a", "b", "c"], "admin")
+    await store.advance(wf.id, "admin")
+    await store.advance(wf.id, "admin")
+
+    with pytest.raises(RuleViolation):
+        await store.set_status(wf.id, Status.PENDING, "admin")
+    assert (await store.get_workflow(wf.id)).current_step == 2
+
+    reset = await store.reset(wf.id, "admin")
+    assert (reset.status, reset.current_step) == (Status.PENDING, 0)
+    assert all(
+        s.state is StepState.PENDING and s.started_at is None for s in reset.steps
+    )
+
+
+async def test_completing_by_status_skips_the_remaining_steps(store: Store) -> None:
+    wf = await store.create_workflow("Deploy", ["a", "b", "c"], "admin")
+    await store.advance(wf.id, "admin")
+
+    done = await store.set_status(wf.id, Status.COMPLETED, "admin")
+
+    assert [s.state for s in done.steps] == [
+        StepState.DONE,
+        StepState.SKIPPED,
+        StepState.SKIPPED,
+    ]
+
+
+async def test_every_change_raises_seq_by_one_and_logs_an_event(store: Store) -> None:
+    wf = await store.create_workflow("Deploy", ["a", "b"], "admin")
+    await store.advance(wf.id, "admin")
+    await store.set_message(wf.id, "hello", "bot")
+    await store.set_status(wf.id, Status.PAUSED, "admin")
+
+    history = await store.history(wf.id, 10)
+
+    assert [e.seq for e in history] == [4, 3, 2, 1]
+    assert [e.kind for e in history] == ["status", "message", "advanced", "created"]
+    assert history[1].actor == "bot"
+    assert history[1].summary == "Message: hello"
+    assert (await store.get_workflow(wf.id)).seq == 4
+
+
+async def test_events_after_returns_the_missed_payloads_in_order(store: Store) -> None:
+    wf = await store.create_workflow("Deploy", ["a", "b", "c"], "admin")
+    for _ in range(3):
+        await store.advance(wf.id, "admin")
+
+    events = await store.events_after(wf.id, 2, 100)
+
+    assert [seq for seq, _ in events] == [3, 4]
+    assert '"current_step":3' in events[-1][1]
+
+
+async def test_refused_change_leaves_no_event(store: Store) -> None:
+    wf = await store.create_workflow("Deploy", ["a"], "admin")
+
+    with pytest.raises(InvalidInput):
+        await store.set_message(wf.id, "x" * 5000, "admin")
+
+    assert [e.seq for e in await store.history(wf.id, 10)] == [1]
+
+
+async def test_unknown_workflow_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.advance("missing", "admin")
+    with pytest.raises(NotFound):
+        await store.get_workflow("missing")
+
+
+async def test_concurrent_changes_are_serialised_and_none_is_lost(store: Store) -> None:
+    wf = await store.create_workflow("Busy", [f"s{i}" for i in range(60)], "admin")
+    seen: list[Change] = []
+    store.add_listener(seen.append)
+
+    await asyncio.gather(
+        *(store.advance(wf.id, "admin") for _ in range(40)),
+        *(store.set_message(wf.id, f"m{i}", "admin") for i in range(20)),
+    )
+
+    final = await store.get_workflow(wf.id)
+    assert final.seq == 61
+    assert final.current_step == 40
+    assert [c.seq for c in seen] == list(range(2, 62))
+
+
+async def test_listeners_hear_only_committed_changes(store: Store) -> None:
+    wf = await store.create_workflow("Deploy", ["a"], "admin")
+    seen: list[Change] = []
+    store.add_listener(seen.append)
+
+    with pytest.raises(InvalidInput):
+        await store.advance(wf.id, "admin", "\x1b[31m")
+    await store.advance(wf.id, "admin")
+
+    assert [c.seq for c in seen] == [2]
+
+
+async def test_file_uses_wal_and_records_its_schema_version(tmp_path: Path) -> None:
+    store = Store(tmp_path / "v.db")
+    await store.open()
+    await store.close()
+
+    conn = sqlite3.connect(tmp_path / "v.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_reopening_a_file_keeps_its_workflows_and_epoch(tmp_path: Path) -> None:
+    first = Store(tmp_path / "v.db")
+    await first.open()
+    wf = await first.create_workflow("Kept", ["a"], "admin")
+    epoch = first.epoch
+    await first.close()
+
+    second = Store(tmp_path / "v.db")
+    await second.open()
+    assert (await second.get_workflow(wf.id)).name == "Kept"
+    assert second.epoch == epoch
+    await second.close()
+
+
+async def test_a_file_from_a_newer_release_is_refused(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "new.db")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+
+    store = Store(tmp_path / "new.db")
+    with pytest.raises(RuntimeError, match="newer"):
+        await store.open()
+    await store.close()
