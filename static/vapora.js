@@ -321,7 +321,10 @@
     retryTimer = null;
     if (socket || events) return;
     if (transport === "sse") return connectEvents();
-    var opened = false;
+    // A socket counts as working once a frame came through it: a proxy that
+    // accepts the upgrade and then kills the connection is no better than one
+    // that refuses it.
+    var heard = false;
     var ws;
     try {
       ws = new WebSocket(socketUrl());
@@ -330,20 +333,23 @@
     }
     socket = ws;
     ws.onopen = function () {
-      opened = true;
-      attempt = 0;
-      socketFailures = 0;
-      lostAt = null;
-      armSilenceTimer();
-      showLive();
+      if (socket === ws) armSilenceTimer();
     };
     ws.onmessage = function (msg) {
-      if (socket === ws) onFrame(msg.data);
+      if (socket !== ws) return;
+      if (!heard) {
+        heard = true;
+        attempt = 0;
+        socketFailures = 0;
+        lostAt = null;
+        showLive();
+      }
+      onFrame(msg.data);
     };
     ws.onclose = function () {
       if (socket !== ws) return;
       socket = null;
-      onLost(opened);
+      onLost(heard);
     };
   }
 
@@ -367,28 +373,35 @@
     };
     source.onerror = function () {
       // EventSource retries on its own from Last-Event-ID, but it would not
-      // carry our epoch; reconnect ourselves with the seq we trust.
+      // carry our epoch; reconnect ourselves with the seq we trust, trying
+      // the WebSocket first again in case the network has changed.
       if (events !== source) return;
       source.close();
       events = null;
+      transport = "websocket";
+      socketFailures = 0;
       onLost(true);
     };
   }
 
-  function onLost(wasOpen) {
+  function onLost(worked) {
     clearTimeout(silenceTimer);
     if (lostAt === null) lostAt = lastDataAt;
-    if (!wasOpen && transport === "websocket" && page === "workflow" && body.dataset.events) {
-      // A socket that never opens, again and again, is likely blocked by a
-      // proxy: fall back to Server-Sent Events.
+    var fallBack = false;
+    if (!worked && transport === "websocket" && page === "workflow" && body.dataset.events) {
+      // A socket that fails again and again may be blocked by a proxy: try
+      // Server-Sent Events, at once.
       socketFailures += 1;
-      if (socketFailures >= 2) transport = "sse";
+      if (socketFailures >= 2) {
+        transport = "sse";
+        fallBack = true;
+      }
     }
     attempt += 1;
     showLost();
+    // Exponential backoff with full jitter, so clients do not return together.
     var ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * Math.pow(2, attempt));
-    var delay = transport === "sse" && socketFailures === 2 ? 0 : Math.random() * ceiling;
-    retryTimer = setTimeout(connect, delay);
+    retryTimer = setTimeout(connect, fallBack ? 0 : Math.random() * ceiling);
   }
 
   function armSilenceTimer() {

@@ -98,7 +98,7 @@ async def security_headers_middleware(
 async def template_context(request: web.Request) -> dict[str, Any]:
     auth = request.app[AUTH]
     # A client that hears nothing for this long treats its link as dead.
-    silence_ms = int(request.app[SETTINGS].heartbeat_s * 2500) + 5000
+    silence_ms = int(request.app[SETTINGS].heartbeat_s * 2500) + 2000
     return {
         "csrf_token": auth.csrf_token(request),
         "request": request,
