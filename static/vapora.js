@@ -461,5 +461,6 @@
     document.querySelectorAll('time[data-relative="yes"]').forEach(renderTime);
     renderDurations();
   }, 5000);
-  connect();
+  // Without a socket URL (a private list), the page stays as it was served.
+  if (body.dataset.socket) connect();
 })();

@@ -31,6 +31,8 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "db": str(tmp_path / "vapora.db"),
         "admin_token": ADMIN_TOKEN,
         "port": 0,
+        # Every test client connects from 127.0.0.1.
+        "max_connections_per_address": 10_000,
     }
     values.update(overrides)
     return Settings(**values)
@@ -103,7 +105,12 @@ def start_server(
     db: Path, *args: str, env: dict[str, str] | None = None
 ) -> ServerProcess:
     """Run `python -m vapora serve` and wait for its start-up line."""
-    full_env = dict(os.environ, VAPORA_ADMIN_TOKEN=ADMIN_TOKEN, PYTHONUNBUFFERED="1")
+    full_env = dict(
+        os.environ,
+        VAPORA_ADMIN_TOKEN=ADMIN_TOKEN,
+        VAPORA_MAX_CONNECTIONS_PER_ADDRESS="10000",
+        PYTHONUNBUFFERED="1",
+    )
     full_env.update(env or {})
     proc = subprocess.Popen(
         [

@@ -287,6 +287,8 @@ class ResumingClient:
 
     def take(self, frame: dict[str, Any]) -> None:
         if frame["type"] == "snapshot":
+            if self.epoch:
+                print("SNAPSHOT", frame["reason"], self.seq, frame["seq"])
             self.epoch = frame["epoch"]
             self.seq = frame["seq"]
         elif frame["type"] == "update":

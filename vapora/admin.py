@@ -9,8 +9,9 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from .app_keys import AUTH, STORE
-from .auth import ADMIN_ACTOR, CSRF_FIELD
-from .errors import InvalidInput, VaporaError
+from .auth import ADMIN, CSRF_FIELD
+from .credentials import Scope, clean_scope
+from .errors import InvalidInput, TooManyRequests, VaporaError
 from .model import Status, Workflow, clean_status
 from .store import Store
 
@@ -50,11 +51,21 @@ async def login(request: web.Request) -> web.Response:
     """Sign in with the admin token; 401 re-renders the form; 403 for bad CSRF."""
     form = await read_form(request)
     auth = request.app[AUTH]
+    address = request.remote or "?"
+    try:
+        auth.throttle.check(address)
+    except TooManyRequests as error:
+        context = {"errors": {"token": error.message}}
+        response = render(request, "login.html", context, status=429)
+        response.headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+        return response
 
     if not auth.is_admin_token(form.get("token", "").strip()):
+        auth.throttle.failed(address)
         errors = {"token": "That is not the admin token."}
         return render(request, "login.html", {"errors": errors}, status=401)
 
+    auth.throttle.succeeded(address)
     response = web.HTTPSeeOther(request.app.router["admin"].url_for())
     await auth.sign_in(request, response)
     raise response
@@ -98,7 +109,7 @@ async def create_workflow(request: web.Request) -> web.Response:
         workflow = await request.app[STORE].create_workflow(
             form.get("name"),
             form.get("steps", ""),
-            ADMIN_ACTOR,
+            ADMIN.actor,
             form.get("message", ""),
         )
     except VaporaError as error:
@@ -124,16 +135,20 @@ async def render_admin_workflow(
     errors: dict[str, str],
     values: dict[str, str],
     status: int = 200,
+    new_share_url: str | None = None,
 ) -> web.Response:
     workflow = await request.app[STORE].get_workflow(
         request.match_info["workflow_id"], history=20
     )
+    shares = await request.app[AUTH].credentials.list_tokens(workflow.id)
     context = {
         "workflow": workflow,
         "statuses": list(Status),
         "form_name": form_name,
         "errors": errors,
         "values": values,
+        "shares": [t for t in shares if t.scope is Scope.READ],
+        "new_share_url": new_share_url,
     }
     return render(request, "admin_workflow.html", context, status=status)
 
@@ -171,26 +186,26 @@ def message_of(form: Any) -> str | None:
 
 
 async def advance(store: Store, workflow_id: str, form: Any) -> Workflow:
-    return await store.advance(workflow_id, ADMIN_ACTOR, message_of(form))
+    return await store.advance(workflow_id, ADMIN.actor, message_of(form))
 
 
 async def set_status(store: Store, workflow_id: str, form: Any) -> Workflow:
     status = clean_status(form.get("status"))
-    return await store.set_status(workflow_id, status, ADMIN_ACTOR, message_of(form))
+    return await store.set_status(workflow_id, status, ADMIN.actor, message_of(form))
 
 
 async def set_message(store: Store, workflow_id: str, form: Any) -> Workflow:
-    return await store.set_message(workflow_id, form.get("message", ""), ADMIN_ACTOR)
+    return await store.set_message(workflow_id, form.get("message", ""), ADMIN.actor)
 
 
 async def reopen(store: Store, workflow_id: str, form: Any) -> Workflow:
-    return await store.reopen(workflow_id, ADMIN_ACTOR, message_of(form))
+    return await store.reopen(workflow_id, ADMIN.actor, message_of(form))
 
 
 async def reset(store: Store, workflow_id: str, form: Any) -> Workflow:
     if form.get("confirm") != "yes":
         raise InvalidInput("confirm", "tick the box to confirm going back to step 0")
-    return await store.reset(workflow_id, ADMIN_ACTOR, message_of(form))
+    return await store.reset(workflow_id, ADMIN.actor, message_of(form))
 
 
 workflow_form("advance", advance)
@@ -198,3 +213,79 @@ workflow_form("status", set_status)
 workflow_form("message", set_message)
 workflow_form("reopen", reopen)
 workflow_form("reset", reset)
+
+
+@routes.post("/admin/workflows/{workflow_id}/share", name="admin_share")
+async def create_share_link(request: web.Request) -> web.Response:
+    """Make a read-only link to one workflow and show it once; 403, 404."""
+    await require_admin(request)
+    await read_form(request)
+    workflow_id = request.match_info["workflow_id"]
+    credentials = request.app[AUTH].credentials
+
+    count = len(await credentials.list_tokens(workflow_id))
+    _, secret = await credentials.create_token(
+        f"share link {count + 1} of {workflow_id}", Scope.READ, workflow_id
+    )
+
+    path = request.app.router["share"].url_for(secret=secret)
+    url = str(request.url.with_path(str(path)).with_query(None))
+    return await render_admin_workflow(request, None, {}, {}, new_share_url=url)
+
+
+@routes.get("/admin/tokens", name="admin_tokens")
+async def tokens_page(request: web.Request) -> web.Response:
+    """List API tokens, with the form to make one."""
+    await require_admin(request)
+    return await render_tokens(request, {}, {})
+
+
+async def render_tokens(
+    request: web.Request,
+    errors: dict[str, str],
+    values: dict[str, str],
+    status: int = 200,
+    new_secret: str | None = None,
+) -> web.Response:
+    tokens = await request.app[AUTH].credentials.list_tokens()
+    context = {
+        "tokens": [t for t in tokens if not (t.scope is Scope.READ and t.workflow_id)],
+        "scopes": list(Scope),
+        "workflows": await request.app[STORE].list_workflows(500),
+        "errors": errors,
+        "values": values,
+        "new_secret": new_secret,
+    }
+    return render(request, "admin_tokens.html", context, status=status)
+
+
+@routes.post("/admin/tokens", name="admin_create_token")
+async def create_token(request: web.Request) -> web.Response:
+    """Make a token and show its secret once; 400 re-renders the form."""
+    await require_admin(request)
+    form = await read_form(request)
+
+    try:
+        scope = clean_scope(form.get("scope"))
+        _, secret = await request.app[AUTH].credentials.create_token(
+            form.get("name"), scope, form.get("workflow_id") or None
+        )
+    except VaporaError as error:
+        errors = {error.field or "name": error.message}
+        return await render_tokens(request, errors, form, status=error.status)
+
+    return await render_tokens(request, {}, {}, status=201, new_secret=secret)
+
+
+@routes.post("/admin/tokens/{token_id}/revoke", name="admin_revoke_token")
+async def revoke_token(request: web.Request) -> web.Response:
+    """Revoke a token at once, then go back where the form was; 403, 404."""
+    await require_admin(request)
+    form = await read_form(request)
+
+    await request.app[AUTH].credentials.revoke(request.match_info["token_id"])
+
+    back = form.get("back", "")
+    if not back.startswith("/admin"):
+        back = str(request.app.router["admin_tokens"].url_for())
+    raise web.HTTPSeeOther(back)

@@ -9,12 +9,26 @@ from aiohttp import web
 
 from .app_keys import AUTH, STORE
 from .catchup import workflow_json
+from .credentials import Token, clean_scope
 from .errors import InvalidInput
 from .model import Workflow, clean_status
 
 routes = web.RouteTableDef()
 
 MAX_LIST = 500
+
+
+async def readable_workflows(request: web.Request, limit: int) -> list[Workflow]:
+    """Return the newest workflows that this request may read."""
+    auth = request.app[AUTH]
+    store = request.app[STORE]
+    if await auth.reads_everything(request):
+        return await store.list_workflows(limit)
+    principal = await auth.principal(request)
+    ids = await auth.shared_with(request)
+    if principal is not None and principal.workflow_id:
+        ids.add(principal.workflow_id)
+    return await store.list_workflows(limit, only=ids)
 
 
 def workflow_response(workflow: Workflow, status: int = 200) -> web.Response:
@@ -38,8 +52,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 @routes.post("/api/workflows")
 async def create_workflow(request: web.Request) -> web.Response:
-    """Create a workflow from {name, steps, message?}; 400 names a bad field, 401."""
-    actor = request.app[AUTH].bearer_actor(request)
+    """Create a workflow from {name, steps, message?}; 400 names the field; 401, 403."""
+    actor = await request.app[AUTH].require_publish(request, None)
     body = await read_json(request)
 
     workflow = await request.app[STORE].create_workflow(
@@ -58,7 +72,7 @@ async def list_workflows(request: web.Request) -> web.Response:
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
         raise InvalidInput("limit", f"limit must be 1 to {MAX_LIST}, got {raw!r}")
 
-    workflows = await request.app[STORE].list_workflows(int(raw))
+    workflows = await readable_workflows(request, int(raw))
 
     body = ",".join(workflow_json(w, history=False) for w in workflows)
     return web.Response(
@@ -68,7 +82,8 @@ async def list_workflows(request: web.Request) -> web.Response:
 
 @routes.get("/api/workflows/{workflow_id}")
 async def get_workflow(request: web.Request) -> web.Response:
-    """Return one workflow with its recent history; 404 for an unknown id."""
+    """Return one workflow with its recent history; 401 if private, 404 if unknown."""
+    await request.app[AUTH].require_read(request, request.match_info["workflow_id"])
     workflow = await request.app[STORE].get_workflow(
         request.match_info["workflow_id"], history=50
     )
@@ -78,7 +93,9 @@ async def get_workflow(request: web.Request) -> web.Response:
 @routes.post("/api/workflows/{workflow_id}/advance")
 async def advance(request: web.Request) -> web.Response:
     """Finish the current step and start the next; 404, 409 when finished."""
-    actor = request.app[AUTH].bearer_actor(request)
+    actor = await request.app[AUTH].require_publish(
+        request, request.match_info["workflow_id"]
+    )
     body = await read_json(request)
 
     workflow = await request.app[STORE].advance(
@@ -90,7 +107,9 @@ async def advance(request: web.Request) -> web.Response:
 @routes.post("/api/workflows/{workflow_id}/status")
 async def set_status(request: web.Request) -> web.Response:
     """Set {status, message?}; `reopen: true` revives a finished one; 400, 404, 409."""
-    actor = request.app[AUTH].bearer_actor(request)
+    actor = await request.app[AUTH].require_publish(
+        request, request.match_info["workflow_id"]
+    )
     body = await read_json(request)
     status = clean_status(body.get("status"))
     reopen = body.get("reopen", False)
@@ -101,6 +120,7 @@ async def set_status(request: web.Request) -> web.Response:
     workflow_id = request.match_info["workflow_id"]
     message = body.get("message")
     if reopen:
+        actor = await request.app[AUTH].require_admin(request)
         workflow = await store.reopen(workflow_id, actor, message, status)
     else:
         workflow = await store.set_status(workflow_id, status, actor, message)
@@ -110,7 +130,9 @@ async def set_status(request: web.Request) -> web.Response:
 @routes.post("/api/workflows/{workflow_id}/message")
 async def set_message(request: web.Request) -> web.Response:
     """Replace the message with {message}; 400 for a bad message, 404."""
-    actor = request.app[AUTH].bearer_actor(request)
+    actor = await request.app[AUTH].require_publish(
+        request, request.match_info["workflow_id"]
+    )
     body = await read_json(request)
     if "message" not in body:
         raise InvalidInput("message", "message is required")
@@ -123,8 +145,8 @@ async def set_message(request: web.Request) -> web.Response:
 
 @routes.post("/api/workflows/{workflow_id}/reset")
 async def reset(request: web.Request) -> web.Response:
-    """Send the workflow back to step 0 on purpose; 404."""
-    actor = request.app[AUTH].bearer_actor(request)
+    """Send the workflow back to step 0 on purpose; admin only (401, 403), 404."""
+    actor = await request.app[AUTH].require_admin(request)
     body = await read_json(request)
 
     workflow = await request.app[STORE].reset(
@@ -135,7 +157,8 @@ async def reset(request: web.Request) -> web.Response:
 
 @routes.get("/api/workflows/{workflow_id}/history", name="workflow_history")
 async def history(request: web.Request) -> web.Response:
-    """Return the newest events of a workflow, newest first; 404 for an unknown id."""
+    """Return the newest events of a workflow, newest first; 401, 404."""
+    await request.app[AUTH].require_read(request, request.match_info["workflow_id"])
     workflow = await request.app[STORE].get_workflow(
         request.match_info["workflow_id"], history=200
     )
@@ -150,3 +173,45 @@ async def history(request: web.Request) -> web.Response:
         for e in workflow.history
     ]
     return web.json_response({"workflow_id": workflow.id, "events": events})
+
+
+@routes.post("/api/tokens")
+async def create_token(request: web.Request) -> web.Response:
+    """Make a token from {name, scope, workflow_id?}; admin only; 400 names a field."""
+    await request.app[AUTH].require_admin(request)
+    body = await read_json(request)
+    scope = clean_scope(body.get("scope"))
+    workflow_id = body.get("workflow_id")
+    if workflow_id is not None and not isinstance(workflow_id, str):
+        raise InvalidInput("workflow_id", "workflow_id must be a string")
+
+    token, secret = await request.app[AUTH].credentials.create_token(
+        body.get("name"), scope, workflow_id
+    )
+    return web.json_response(dict(token_json(token), token=secret), status=201)
+
+
+@routes.get("/api/tokens")
+async def list_tokens(request: web.Request) -> web.Response:
+    """List live tokens (never their secrets); admin only."""
+    await request.app[AUTH].require_admin(request)
+    tokens = await request.app[AUTH].credentials.list_tokens()
+    return web.json_response({"tokens": [token_json(t) for t in tokens]})
+
+
+@routes.delete("/api/tokens/{token_id}")
+async def revoke_token(request: web.Request) -> web.Response:
+    """Revoke a token at once; admin only; 404 if there is no such live token."""
+    await request.app[AUTH].require_admin(request)
+    await request.app[AUTH].credentials.revoke(request.match_info["token_id"])
+    return web.Response(status=204)
+
+
+def token_json(token: Token) -> dict[str, Any]:
+    return {
+        "id": token.id,
+        "name": token.name,
+        "scope": token.scope.value,
+        "workflow_id": token.workflow_id,
+        "created_at": token.created_at,
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ import jinja2
 from aiohttp import web
 
 from . import admin, api, pages, sse, ws
+from .admission import OPEN_CONNECTIONS
 from .app_keys import AUTH, HUB, SETTINGS, STORE
 from .auth import Auth, csrf_cookie_middleware
-from .errors import VaporaError
+from .errors import TooManyRequests, VaporaError
 from .hub import Hub
 from .model import utc_now
 from .settings import Settings
@@ -60,13 +62,21 @@ async def error_middleware(
     try:
         return await handler(request)
     except VaporaError as error:
-        return error_response(
+        response = error_response(
             request, error.status, error.code, error.message, error.field
         )
+        if isinstance(error, TooManyRequests):
+            response.headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+        return response
     except web.HTTPException as exc:
         if exc.status < 400 or exc.empty_body:
             raise
         code = exc.reason.lower().replace(" ", "_")
+        if exc.status == 413:
+            limit = request.app[SETTINGS].max_body_bytes
+            return error_response(
+                request, 413, code, f"the body is larger than {limit} bytes", None
+            )
         message = (
             exc.text
             if exc.text and not exc.text.startswith(str(exc.status))
@@ -114,12 +124,13 @@ def create_app(settings: Settings) -> web.Application:
             error_middleware,
             csrf_cookie_middleware,
         ],
-        client_max_size=256 * 1024,
+        client_max_size=settings.max_body_bytes,
     )
     store = Store(settings.db)
     app[SETTINGS] = settings
     app[STORE] = store
     app[AUTH] = Auth(store, settings)
+    app[OPEN_CONNECTIONS] = Counter()
     hub = Hub()
     store.add_listener(hub.publish)
     app[HUB] = hub

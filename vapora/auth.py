@@ -1,4 +1,4 @@
-"""Who may change things: the admin token, admin sessions and CSRF tokens."""
+"""Who is asking and what they may do: tokens, sessions, share links and CSRF."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
-from .errors import Forbidden, Unauthorized
+from .credentials import Credentials, Principal, Scope
+from .errors import Forbidden, TooManyRequests, Unauthorized
 from .settings import Settings
 from .store import Store, hash_secret
 
@@ -19,20 +22,60 @@ logger = logging.getLogger(__name__)
 
 SESSION_COOKIE = "vapora_session"
 CSRF_COOKIE = "vapora_csrf"
+SHARE_COOKIE_PREFIX = "vapora_share_"
 CSRF_FIELD = "csrf_token"
-ADMIN_ACTOR = "admin"
+ADMIN = Principal("admin", Scope.ADMIN)
 # A CSRF seed made for this request, before its cookie reaches the browser.
 NEW_CSRF_SEED = web.RequestKey("new_csrf_seed", str)
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class FailureThrottle:
+    """Slows down an address after repeated failed sign-ins: 2^n seconds, capped."""
+
+    def __init__(self, free_failures: int = 5, max_delay_s: float = 300) -> None:
+        self.free_failures = free_failures
+        self.max_delay_s = max_delay_s
+        # address -> (failures, monotonic time of the last one); oldest first.
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._max_addresses = 10_000
+
+    def check(self, address: str) -> None:
+        """Raise TooManyRequests while the address must wait."""
+        count, last = self._failures.get(address, (0, 0.0))
+        if count < self.free_failures:
+            return
+        wait = min(self.max_delay_s, 2.0 ** (count - self.free_failures + 1))
+        remaining = last + wait - time.monotonic()
+        if remaining > 0:
+            raise TooManyRequests(
+                None,
+                f"too many failed sign-ins; try again in {remaining:.0f} s",
+                retry_after_s=remaining,
+            )
+
+    def failed(self, address: str) -> None:
+        count, _ = self._failures.pop(address, (0, 0.0))
+        self._failures[address] = (count + 1, time.monotonic())
+        if count + 1 == self.free_failures:
+            logger.warning("Repeated failed sign-ins from %s; slowing it down", address)
+        while len(self._failures) > self._max_addresses:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+
 class Auth:
-    """Checks the admin token, keeps admin sessions, and signs CSRF tokens."""
+    """Finds the principal behind a request and checks what it may do."""
 
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
+        self.credentials = Credentials(store)
+        self.throttle = FailureThrottle()
         self._admin_hash = ""
         self._secret = b""
 
@@ -62,32 +105,126 @@ class Auth:
     def is_admin_token(self, token: str) -> bool:
         return hmac.compare_digest(hash_secret(token), self._admin_hash)
 
-    # -- API callers ---------------------------------------------------------
+    @property
+    def public(self) -> bool:
+        return self.settings.read_access == "public"
 
-    def bearer_actor(self, request: web.Request) -> str:
-        """Return the actor named by the Authorization header; 401 when it is wrong."""
-        header = request.headers.get("Authorization", "")
+    # -- finding the principal ---------------------------------------------------
+
+    async def principal(self, request: web.Request) -> Principal | None:
+        """Return who sent the request: a bearer token or an admin session."""
+        if PRINCIPAL in request:
+            return request[PRINCIPAL]
+        found = await self._bearer(request)
+        if found is None and await self.is_signed_in(request):
+            found = ADMIN
+        if found is not None:
+            request[PRINCIPAL] = found
+        return found
+
+    async def _bearer(self, request: web.Request) -> Principal | None:
+        header = request.headers.get("Authorization")
+        if header is None:
+            return None
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized(
-                "Authorization",
-                "send Authorization: Bearer <token> to change workflows",
-            )
-        if not self.is_admin_token(token.strip()):
-            raise Unauthorized("Authorization", "that token is not valid")
-        return ADMIN_ACTOR
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("Authorization", "use Authorization: Bearer <token>")
+        address = request.remote or "?"
+        self.throttle.check(address)
+        if self.is_admin_token(token):
+            return ADMIN
+        found = await self.credentials.find(token)
+        if found is None:
+            self.throttle.failed(address)
+            raise Unauthorized("Authorization", "that token is unknown or revoked")
+        return found.principal
 
-    # -- browser sessions ------------------------------------------------------
+    async def require_publish(
+        self, request: web.Request, workflow_id: str | None
+    ) -> str:
+        """Return the actor allowed to change workflow_id; 401 or 403 otherwise."""
+        principal = await self.principal(request)
+        if principal is None:
+            raise Unauthorized(
+                "Authorization", "send Authorization: Bearer <token> to make changes"
+            )
+        if not principal.can_publish(workflow_id):
+            what = "create workflows" if workflow_id is None else "change this workflow"
+            raise Forbidden("Authorization", f"this token may not {what}")
+        return principal.actor
+
+    async def require_admin(self, request: web.Request) -> str:
+        principal = await self.principal(request)
+        if principal is None:
+            raise Unauthorized("Authorization", "this needs the admin token")
+        if not principal.is_admin:
+            raise Forbidden("Authorization", "this needs an admin token")
+        return principal.actor
+
+    async def can_read(self, request: web.Request, workflow_id: str) -> bool:
+        if self.public or workflow_id in await self.shared_with(request):
+            return True
+        principal = await self.principal(request)
+        return principal is not None and principal.can_read(workflow_id)
+
+    async def require_read(self, request: web.Request, workflow_id: str) -> None:
+        """Raise Unauthorized unless the request may read workflow_id."""
+        if not await self.can_read(request, workflow_id):
+            # The same answer as for an unknown id would leak less, but people
+            # with a stale link deserve to know that signing in will help.
+            raise Unauthorized(
+                "workflow_id", "this workflow is private: sign in or use its share link"
+            )
+
+    async def reads_everything(self, request: web.Request) -> bool:
+        if self.public:
+            return True
+        principal = await self.principal(request)
+        return principal is not None and principal.workflow_id is None
+
+    async def shared_with(self, request: web.Request) -> set[str]:
+        """Return the workflow ids this browser holds live share links for."""
+        ids = set()
+        for name, secret in request.cookies.items():
+            if not name.startswith(SHARE_COOKIE_PREFIX):
+                continue
+            token = await self.credentials.find(secret)
+            workflow_id = name.removeprefix(SHARE_COOKIE_PREFIX)
+            if token and token.scope is Scope.READ and token.workflow_id == workflow_id:
+                ids.add(workflow_id)
+        return ids
+
+    def remember_share(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        workflow_id: str,
+        secret: str,
+    ) -> None:
+        response.set_cookie(
+            SHARE_COOKIE_PREFIX + workflow_id,
+            secret,
+            max_age=365 * 24 * 3600,
+            httponly=True,
+            samesite="Lax",
+            secure=request.secure,
+            path="/",
+        )
+
+    # -- browser sessions ----------------------------------------------------------
 
     async def is_signed_in(self, request: web.Request) -> bool:
         token = request.cookies.get(SESSION_COOKIE)
-        return bool(token) and await self.store.session_valid(token or "")
+        return bool(token) and await self.credentials.session_valid(token or "")
 
     async def sign_in(self, request: web.Request, response: web.StreamResponse) -> None:
         token = secrets.token_urlsafe(32)
         lifetime = timedelta(hours=self.settings.session_hours)
         expires = datetime.now(UTC) + lifetime
-        await self.store.add_session(token, expires.isoformat(timespec="milliseconds"))
+        await self.credentials.add_session(
+            token, expires.isoformat(timespec="milliseconds")
+        )
         response.set_cookie(
             SESSION_COOKIE,
             token,
@@ -103,7 +240,7 @@ class Auth:
     ) -> None:
         token = request.cookies.get(SESSION_COOKIE)
         if token:
-            await self.store.drop_session(token)
+            await self.credentials.drop_session(token)
         response.del_cookie(SESSION_COOKIE, path="/")
 
     # -- CSRF: a token signed over a random per-browser cookie ----------------

@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import logging
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 
 from aiohttp import web
 
 from .app import create_app
+from .backup import backup
 from .settings import Settings
 
 logger = logging.getLogger("vapora")
@@ -39,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+
+    copy = commands.add_parser(
+        "backup",
+        help="write a consistent copy of a database, even while it is served",
+    )
+    copy.add_argument("path", help="where to write the copy (must not exist)")
+    copy.add_argument(
+        "--db",
+        default=None,
+        help=f"the database to copy (VAPORA_DB, default {Settings.default('db')})",
+    )
     return parser
 
 
@@ -49,7 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(args, "log_level", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.command == "serve":
+    if args.command == "backup":
+        db = args.db or Settings.load({}).db
+        try:
+            count = backup(db, args.path)
+        except (OSError, sqlite3.Error) as error:
+            logger.error("Backup failed: %s", error)
+            return 1
+        logger.info("Copied %s to %s (%d workflows)", db, args.path, count)
+    elif args.command == "serve":
         given = {k: v for k, v in vars(args).items() if v is not None}
         try:
             settings = Settings.load(given)

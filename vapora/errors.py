@@ -45,3 +45,12 @@ class Unauthorized(VaporaError):
 class Forbidden(VaporaError):
     status = 403
     code = "forbidden"
+
+
+class TooManyRequests(VaporaError):
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, field: str | None, message: str, retry_after_s: float) -> None:
+        super().__init__(field, message)
+        self.retry_after_s = retry_after_s

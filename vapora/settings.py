@@ -31,8 +31,25 @@ class Settings:
         1000, "most missed events replayed on resume; past that, a fresh snapshot"
     )
     max_incoming_bytes: int = setting(4096, "largest frame a client may send")
+    read_access: str = setting(
+        "public",
+        "who may read workflows: public (anyone with the URL) or private "
+        "(signed-in admins, read tokens and share links)",
+    )
+    allowed_origins: str = setting(
+        "", "comma-separated origins, besides this server's, that may open sockets"
+    )
+    max_body_bytes: int = setting(64 * 1024, "largest request body accepted")
+    max_connections_per_address: int = setting(
+        64, "most open sockets and event streams from one client address"
+    )
     session_hours: float = setting(12.0, "hours an admin sign-in lasts")
     shutdown_timeout_s: float = setting(3.0, "seconds to finish requests on shutdown")
+
+    @property
+    def origins(self) -> frozenset[str]:
+        parts = (o.strip().rstrip("/") for o in self.allowed_origins.split(","))
+        return frozenset(p for p in parts if p)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -81,6 +98,8 @@ def _convert(name: str, kind: type, raw: Any, source: str) -> Any:
         ) from None
     if kind in (int, float) and value < 0:
         raise ValueError(f"{source}: {name} must not be negative, got {raw!r}")
+    if name == "read_access" and value not in ("public", "private"):
+        raise ValueError(f"{source}: read_access is public or private, not {raw!r}")
     if name == "port" and not 0 <= value <= 65535:
         raise ValueError(f"{source}: port must be 0 to 65535, got {raw!r}")
     return value

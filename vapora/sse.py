@@ -13,10 +13,10 @@ from collections import deque
 
 from aiohttp import web
 
+from .admission import admit, counted, parse_after
 from .app_keys import HUB, SETTINGS, STORE
 from .frames import Encoded, Outgoing
 from .subscriber import Subscriber
-from .ws import parse_after
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,18 @@ class SseSubscriber(Subscriber):
 
 
 async def workflow_events(request: web.Request) -> web.StreamResponse:
-    """Stream one workflow's changes as Server-Sent Events; 404, 400 for a bad seq."""
-    store = request.app[STORE]
+    """Stream one workflow's changes as Server-Sent Events; 400, 401, 404, 429."""
     workflow_id = request.match_info["workflow_id"]
     after = parse_after(request)
-    await store.get_workflow(workflow_id)
+    await admit(request, workflow_id)
+    with counted(request):
+        return await _stream(request, workflow_id, after)
+
+
+async def _stream(
+    request: web.Request, workflow_id: str, after: int | None
+) -> web.StreamResponse:
+    store = request.app[STORE]
     # A browser resuming by itself sends Last-Event-ID but no epoch: trust ours.
     epoch = request.query.get("epoch") or store.epoch
 

@@ -70,6 +70,18 @@ MIGRATIONS: list[str] = [
         expires_at TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        workflow_id TEXT REFERENCES workflows (id) ON DELETE CASCADE,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE UNIQUE INDEX tokens_live_name ON tokens (name) WHERE revoked_at IS NULL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -176,22 +188,34 @@ class Store:
         """Call listener with every change, after it commits, in seq order."""
         self._listeners.append(listener)
 
-    # -- meta and sessions ---------------------------------------------------
+    # -- small reads and writes for the server's own records -----------------
+
+    async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        """Run one write statement in its own transaction; return the rows changed."""
+        async with self._write_lock:
+            cursor = await self.writer.execute(sql, params)
+            return int(cursor.rowcount)
+
+    async def fetch_all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        async with self.reader.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def fetch_one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        async with self.reader.execute(sql, params) as cursor:
+            return await cursor.fetchone()
+
+    # -- meta -----------------------------------------------------------------
 
     async def get_meta(self, key: str) -> str | None:
-        async with self.reader.execute(
-            "SELECT value FROM meta WHERE key = ?", (key,)
-        ) as cursor:
-            row = await cursor.fetchone()
+        row = await self.fetch_one("SELECT value FROM meta WHERE key = ?", (key,))
         return None if row is None else str(row[0])
 
     async def set_meta(self, key: str, value: str) -> None:
-        async with self._write_lock:
-            await self.writer.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (key, value),
-            )
+        await self.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     async def _ensure_meta(self, key: str, make: Callable[[], str]) -> str:
         value = await self.get_meta(key)
@@ -199,28 +223,6 @@ class Store:
             value = make()
             await self.set_meta(key, value)
         return value
-
-    async def add_session(self, token: str, expires_at: str) -> None:
-        async with self._write_lock:
-            await self.writer.execute(
-                "INSERT INTO sessions (token_hash, created_at, expires_at) "
-                "VALUES (?, ?, ?)",
-                (hash_secret(token), utc_now(), expires_at),
-            )
-
-    async def session_valid(self, token: str) -> bool:
-        async with self.reader.execute(
-            "SELECT 1 FROM sessions WHERE token_hash = ? AND expires_at > ?",
-            (hash_secret(token), utc_now()),
-        ) as cursor:
-            return await cursor.fetchone() is not None
-
-    async def drop_session(self, token: str) -> None:
-        async with self._write_lock:
-            await self.writer.execute(
-                "DELETE FROM sessions WHERE token_hash = ? OR expires_at <= ?",
-                (hash_secret(token), utc_now()),
-            )
 
     # -- reads ---------------------------------------------------------------
 
@@ -237,12 +239,24 @@ class Store:
             workflow.history = await self.history(workflow_id, history)
         return workflow
 
-    async def list_workflows(self, limit: int = 100) -> list[Workflow]:
-        """Return workflows, newest activity first."""
-        async with self.reader.execute(
-            "SELECT * FROM workflows ORDER BY updated_at DESC, id LIMIT ?", (limit,)
-        ) as cursor:
-            rows = await cursor.fetchall()
+    async def list_workflows(
+        self, limit: int = 100, only: set[str] | None = None
+    ) -> list[Workflow]:
+        """Return workflows, newest activity first; only those ids, if given."""
+        if only is None:
+            rows = await self.fetch_all(
+                "SELECT * FROM workflows ORDER BY updated_at DESC, id LIMIT ?", (limit,)
+            )
+        elif not only:
+            rows = []
+        else:
+            ids = sorted(only)[:500]
+            marks = ",".join("?" * len(ids))
+            rows = await self.fetch_all(
+                f"SELECT * FROM workflows WHERE id IN ({marks}) "
+                "ORDER BY updated_at DESC, id LIMIT ?",
+                (*ids, limit),
+            )
         return [_workflow_from_row(row) for row in rows]
 
     async def history(self, workflow_id: str, limit: int) -> list[Event]:

@@ -14,8 +14,8 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .admission import admit, counted, parse_after
 from .app_keys import HUB, SETTINGS, STORE
-from .errors import InvalidInput
 from .frames import OP_CLOSE, Encoded, Outgoing, ws_frame
 from .subscriber import Subscriber
 
@@ -73,28 +73,22 @@ class WsSubscriber(Subscriber):
         await self.ws.close(code=code, message=reason.encode())
 
 
-def parse_after(request: web.Request) -> int | None:
-    """Read the seq to resume from: `after` or Last-Event-ID; 400 if it is bad."""
-    raw = request.query.get("after") or request.headers.get("Last-Event-ID")
-    if raw is None or raw == "":
-        return None
-    if not raw.isdigit():
-        raise InvalidInput("after", f"after must be a seq number, got {raw!r}")
-    return int(raw)
-
-
 async def workflow_socket(request: web.Request) -> web.WebSocketResponse:
-    """Stream one workflow's changes; 404 for an unknown id, 400 for a bad `after`."""
+    """Stream one workflow's changes; 400 bad `after`, 401, 403 origin, 404, 429."""
     workflow_id = request.match_info["workflow_id"]
     after = parse_after(request)
-    await request.app[STORE].get_workflow(workflow_id)
+    await admit(request, workflow_id)
 
-    return await _serve(request, workflow_id, after, request.query.get("epoch"))
+    with counted(request):
+        return await _serve(request, workflow_id, after, request.query.get("epoch"))
 
 
 async def list_socket(request: web.Request) -> web.WebSocketResponse:
-    """Stream every workflow's changes, for the list page."""
-    return await _serve(request, None, None, None)
+    """Stream every workflow's changes, for the list page; 401 unless readable."""
+    await admit(request, None)
+
+    with counted(request):
+        return await _serve(request, None, None, None)
 
 
 async def _serve(

@@ -1,0 +1,446 @@
+"""Every door: tokens and scopes, private reading, origins, limits and bad text."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from .conftest import AUTH, create_workflow
+from .test_admin import csrf_from, sign_in
+
+UPGRADE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
+
+
+async def make_token(
+    client: TestClient[Any, Any], name: str, scope: str, workflow_id: str | None = None
+) -> dict[str, Any]:
+    body = {"name": name, "scope": scope, "workflow_id": workflow_id}
+    response = await client.post("/api/tokens", json=body, headers=AUTH)
+    assert response.status == 201, await response.text()
+    return dict(await response.json())
+
+
+def bearer(token: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token['token']}"}
+
+
+# -- tokens and scopes -------------------------------------------------------------
+
+
+async def test_publish_token_changes_its_workflow_and_is_named_in_history(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(client)
+    token = await make_token(client, "ci-runner", "publish", wf["workflow_id"])
+
+    response = await client.post(
+        f"/api/workflows/{wf['workflow_id']}/advance", headers=bearer(token)
+    )
+
+    assert response.status == 200
+    state = await (await client.get(f"/api/workflows/{wf['workflow_id']}")).json()
+    assert state["history"][0]["actor"] == "ci-runner"
+    page = await (await client.get(f"/workflows/{wf['workflow_id']}")).text()
+    assert "<td>ci-runner</td>" in page
+
+
+async def test_publish_token_may_not_touch_another_workflow(
+    client: TestClient[Any, Any],
+) -> None:
+    mine = await create_workflow(client, name="mine")
+    other = await create_workflow(client, name="other")
+    token = await make_token(client, "ci-runner", "publish", mine["workflow_id"])
+
+    response = await client.post(
+        f"/api/workflows/{other['workflow_id']}/advance", headers=bearer(token)
+    )
+
+    assert response.status == 403
+    state = await (await client.get(f"/api/workflows/{other['workflow_id']}")).json()
+    assert state["seq"] == 1
+
+
+async def test_only_publish_any_tokens_create_workflows(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(client)
+    narrow = await make_token(client, "narrow", "publish", wf["workflow_id"])
+    wide = await make_token(client, "wide", "publish_any")
+    body = {"name": "new", "steps": ["a"]}
+
+    refused = await client.post("/api/workflows", json=body, headers=bearer(narrow))
+    accepted = await client.post("/api/workflows", json=body, headers=bearer(wide))
+
+    assert (refused.status, accepted.status) == (403, 201)
+    assert (await accepted.json())["history"] == []
+
+
+async def test_read_token_reads_but_does_not_publish(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(client)
+    reader = await make_token(client, "dashboard", "read")
+
+    refused = await client.post(
+        f"/api/workflows/{wf['workflow_id']}/advance", headers=bearer(reader)
+    )
+    read = await client.get(
+        f"/api/workflows/{wf['workflow_id']}", headers=bearer(reader)
+    )
+
+    assert (refused.status, read.status) == (403, 200)
+
+
+async def test_revoked_token_is_refused_at_once(client: TestClient[Any, Any]) -> None:
+    wf = await create_workflow(client)
+    token = await make_token(client, "temp", "publish", wf["workflow_id"])
+    url = f"/api/workflows/{wf['workflow_id']}/advance"
+    assert (await client.post(url, headers=bearer(token))).status == 200
+
+    deleted = await client.delete(f"/api/tokens/{token['id']}", headers=AUTH)
+    refused = await client.post(url, headers=bearer(token))
+
+    assert deleted.status == 204
+    assert refused.status == 401
+    assert "revoked" in (await refused.json())["error"]["message"]
+
+
+async def test_only_admins_manage_tokens_and_reset(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(client)
+    wide = await make_token(client, "wide", "publish_any")
+
+    tokens = await client.post(
+        "/api/tokens", json={"name": "x", "scope": "admin"}, headers=bearer(wide)
+    )
+    reset = await client.post(
+        f"/api/workflows/{wf['workflow_id']}/reset", headers=bearer(wide)
+    )
+
+    assert (tokens.status, reset.status) == (403, 403)
+
+
+async def test_token_secret_is_shown_once_and_stored_hashed(
+    client: TestClient[Any, Any], settings: Any
+) -> None:
+    token = await make_token(client, "shown-once", "read")
+
+    listing = await (await client.get("/api/tokens", headers=AUTH)).json()
+
+    assert [t["name"] for t in listing["tokens"]] == ["shown-once"]
+    assert "token" not in listing["tokens"][0]
+    dump = "\n".join(sqlite3.connect(settings.db).iterdump())
+    assert token["token"] not in dump
+
+
+async def test_token_names_are_unique_among_live_tokens(
+    client: TestClient[Any, Any],
+) -> None:
+    await make_token(client, "twin", "read")
+
+    response = await client.post(
+        "/api/tokens", json={"name": "twin", "scope": "read"}, headers=AUTH
+    )
+
+    assert response.status == 400
+    assert (await response.json())["error"]["field"] == "name"
+
+
+async def test_admin_page_makes_a_token_and_shows_it_once(
+    client: TestClient[Any, Any],
+) -> None:
+    await sign_in(client)
+    csrf = await csrf_from(client, "/admin/tokens")
+
+    made = await client.post(
+        "/admin/tokens",
+        data={"csrf_token": csrf, "name": "deploy-bot", "scope": "publish_any"},
+    )
+    again = await client.get("/admin/tokens")
+
+    html = await made.text()
+    assert made.status == 201
+    secret = html.split('data-field="new-secret">')[1].split("<")[0]
+    assert secret.startswith("vpr_")
+    assert secret not in await again.text()
+    create = await client.post(
+        "/api/workflows",
+        json={"name": "w", "steps": ["a"]},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+    assert create.status == 201
+
+
+# -- private reading -------------------------------------------------------------
+
+
+@pytest.fixture
+async def private(app_factory: Any) -> TestClient[Any, Any]:
+    return await app_factory(read_access="private")
+
+
+async def test_private_workflow_needs_a_reader(private: TestClient[Any, Any]) -> None:
+    wf = await create_workflow(private)
+    wid = wf["workflow_id"]
+
+    page = await private.get(f"/workflows/{wid}")
+    api = await private.get(f"/api/workflows/{wid}")
+    ws = await private.get(f"/api/workflows/{wid}/updates", headers=UPGRADE)
+    sse = await private.get(f"/api/workflows/{wid}/events")
+    listing = await (await private.get("/api/workflows")).json()
+    index = await (await private.get("/")).text()
+
+    assert (page.status, api.status, ws.status, sse.status) == (401, 401, 401, 401)
+    assert listing["workflows"] == []
+    assert "Deploy" not in index
+
+
+async def test_private_workflow_is_open_to_admins_and_read_tokens(
+    private: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(private)
+    reader = await make_token(private, "dashboard", "read")
+
+    api = await private.get(
+        f"/api/workflows/{wf['workflow_id']}", headers=bearer(reader)
+    )
+    listing = await (await private.get("/api/workflows", headers=AUTH)).json()
+    await sign_in(private)
+    page = await private.get(f"/workflows/{wf['workflow_id']}")
+
+    assert api.status == 200
+    assert len(listing["workflows"]) == 1
+    assert page.status == 200
+
+
+async def test_share_link_opens_one_workflow_and_leaves_the_address_bar(
+    private: TestClient[Any, Any], aiohttp_client: Any
+) -> None:
+    shared = await create_workflow(private, name="shared one")
+    hidden = await create_workflow(private, name="hidden one")
+    await sign_in(private)
+    csrf = await csrf_from(private, f"/admin/workflows/{shared['workflow_id']}")
+    made = await private.post(
+        f"/admin/workflows/{shared['workflow_id']}/share", data={"csrf_token": csrf}
+    )
+    link = (await made.text()).split('data-field="share-url">')[1].split("<")[0]
+    viewer = await aiohttp_client(private.server)
+
+    assert link.startswith("http://127.0.0.1:")
+    opened = await viewer.get("/" + link.split("/", 3)[3], allow_redirects=False)
+    assert opened.status == 303
+    assert opened.headers["Location"] == f"/workflows/{shared['workflow_id']}"
+
+    page = await viewer.get(f"/workflows/{shared['workflow_id']}")
+    other = await viewer.get(f"/workflows/{hidden['workflow_id']}")
+    index = await (await viewer.get("/")).text()
+    async with viewer.ws_connect(
+        f"/api/workflows/{shared['workflow_id']}/updates"
+    ) as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
+
+    assert (page.status, other.status) == (200, 401)
+    assert "shared one" in index and "hidden one" not in index
+
+
+async def test_revoked_share_link_stops_working(
+    private: TestClient[Any, Any], aiohttp_client: Any
+) -> None:
+    wf = await create_workflow(private)
+    share = await make_token(private, "link", "read", wf["workflow_id"])
+    viewer = await aiohttp_client(private.server)
+    await viewer.get(f"/share/{share['token']}", allow_redirects=False)
+    assert (await viewer.get(f"/workflows/{wf['workflow_id']}")).status == 200
+
+    await private.delete(f"/api/tokens/{share['id']}", headers=AUTH)
+
+    assert (await viewer.get(f"/workflows/{wf['workflow_id']}")).status == 401
+    assert (await viewer.get(f"/share/{share['token']}")).status == 404
+
+
+# -- origins --------------------------------------------------------------------
+
+
+async def test_socket_from_a_foreign_origin_is_refused_before_the_upgrade(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(client)
+
+    response = await client.get(
+        f"/api/workflows/{wf['workflow_id']}/updates",
+        headers={**UPGRADE, "Origin": "https://evil.example"},
+    )
+
+    assert response.status == 403
+    assert (await response.json())["error"]["field"] == "Origin"
+
+
+async def test_socket_from_the_servers_own_origin_is_accepted(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(client)
+    own = f"http://{client.host}:{client.port}"
+
+    async with client.ws_connect(
+        f"/api/workflows/{wf['workflow_id']}/updates", origin=own
+    ) as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
+
+
+async def test_socket_from_an_allowed_origin_is_accepted(app_factory: Any) -> None:
+    client = await app_factory(allowed_origins="https://status.example.com")
+    wf = await create_workflow(client)
+
+    async with client.ws_connect(
+        f"/api/workflows/{wf['workflow_id']}/updates",
+        origin="https://status.example.com",
+    ) as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
+
+
+# -- limits ---------------------------------------------------------------------
+
+
+async def test_body_over_the_limit_is_a_413_and_saves_nothing(app_factory: Any) -> None:
+    client = await app_factory(max_body_bytes=2048)
+
+    response = await client.post(
+        "/api/workflows",
+        json={"name": "big", "steps": ["a"], "message": "x" * 4000},
+        headers=AUTH,
+    )
+
+    assert response.status == 413
+    assert "2048 bytes" in (await response.json())["error"]["message"]
+    assert (await (await client.get("/api/workflows")).json())["workflows"] == []
+
+
+async def test_connections_past_the_per_address_limit_get_429(app_factory: Any) -> None:
+    client = await app_factory(max_connections_per_address=3)
+    wf = await create_workflow(client)
+    url = f"/api/workflows/{wf['workflow_id']}/updates"
+    sockets = [await client.ws_connect(url) for _ in range(3)]
+
+    refused = await client.get(url, headers=UPGRADE)
+    await sockets[0].close()
+    await sockets[0].receive()
+
+    assert refused.status == 429
+    assert "at most 3" in (await refused.json())["error"]["message"]
+    async with client.ws_connect(url) as again:
+        assert (await again.receive_json(timeout=5))["type"] == "snapshot"
+    for ws in sockets[1:]:
+        await ws.close()
+
+
+async def test_oversized_client_frame_closes_the_socket(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(client)
+
+    async with client.ws_connect(f"/api/workflows/{wf['workflow_id']}/updates") as ws:
+        await ws.receive_json(timeout=5)
+        await ws.send_str("x" * 10_000)
+        msg = await ws.receive(timeout=5)
+        while msg.type is aiohttp.WSMsgType.TEXT:
+            msg = await ws.receive(timeout=5)
+
+    assert msg.type is aiohttp.WSMsgType.CLOSE
+    assert msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+
+
+async def test_repeated_failed_sign_ins_are_slowed_down(
+    client: TestClient[Any, Any],
+) -> None:
+    csrf = await csrf_from(client, "/admin/login")
+    for _ in range(5):
+        failed = await client.post(
+            "/admin/login", data={"csrf_token": csrf, "token": "no"}
+        )
+        assert failed.status == 401
+
+    slowed = await client.post(
+        "/admin/login", data={"csrf_token": csrf, "token": "test-admin-token"}
+    )
+
+    assert slowed.status == 429
+    assert int(slowed.headers["Retry-After"]) >= 1
+    assert "too many failed sign-ins" in await slowed.text()
+
+
+async def test_repeated_bad_bearer_tokens_are_slowed_down(
+    client: TestClient[Any, Any],
+) -> None:
+    for _ in range(5):
+        response = await client.post(
+            "/api/workflows", json={}, headers={"Authorization": "Bearer vpr_guess"}
+        )
+        assert response.status == 401
+
+    slowed = await client.post("/api/workflows", json={}, headers=AUTH)
+
+    assert slowed.status == 429
+
+
+# -- text -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Déploiement 🚀", "مرحبا بالعالم", "部署完成", "a\u200fb", "tab\tand\nnewline"],
+)
+async def test_any_unicode_is_kept_exactly(
+    client: TestClient[Any, Any], text: str
+) -> None:
+    wf = await create_workflow(client)
+
+    response = await client.post(
+        f"/api/workflows/{wf['workflow_id']}/message",
+        json={"message": text},
+        headers=AUTH,
+    )
+
+    assert response.status == 200
+    assert (await response.json())["message"] == text
+
+
+@pytest.mark.parametrize(
+    "raw", ['"bell \\u0007"', '"lone \\ud800 half"', '"esc \\u001b[31m"']
+)
+async def test_control_characters_and_lone_surrogates_are_a_400(
+    client: TestClient[Any, Any], raw: str
+) -> None:
+    wf = await create_workflow(client)
+
+    response = await client.post(
+        f"/api/workflows/{wf['workflow_id']}/message",
+        data='{"message": ' + raw + "}",
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+
+    assert response.status == 400
+    assert (await response.json())["error"]["field"] == "message"
+    state = await (await client.get(f"/api/workflows/{wf['workflow_id']}")).json()
+    assert state["seq"] == 1
+
+
+def test_backup_refuses_to_overwrite(tmp_path: Path) -> None:
+    from vapora.backup import backup
+
+    (tmp_path / "db").write_bytes(b"")
+    (tmp_path / "copy").write_text("keep me")
+
+    with pytest.raises(FileExistsError):
+        backup(tmp_path / "db", tmp_path / "copy")
+    assert (tmp_path / "copy").read_text() == "keep me"
