@@ -19,7 +19,7 @@ from .conftest import AUTH, ServerProcess
 async def post_until_stopped(
     session: aiohttp.ClientSession, url: str, wid: str, stop: asyncio.Event
 ) -> list[tuple[int, str]]:
-    """Post messages until stop is set or the server dies; return what was acknowledged."""
+    """Post messages until stopped or the server dies; return the acknowledged."""
     acknowledged: list[tuple[int, str]] = []
     i = 0
     while not stop.is_set():
