@@ -98,7 +98,7 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
-URL_LINE = re.compile(r"serving (http://\S+)/ ")
+URL_LINE = re.compile(r"serving (http://[^/ ]+)\S* ")
 
 
 def start_server(

@@ -286,6 +286,6 @@ async def revoke_token(request: web.Request) -> web.Response:
     await request.app[AUTH].credentials.revoke(request.match_info["token_id"])
 
     back = form.get("back", "")
-    if not back.startswith("/admin"):
+    if not back.startswith(str(request.app.router["admin"].url_for())):
         back = str(request.app.router["admin_tokens"].url_for())
     raise web.HTTPSeeOther(back)

@@ -61,7 +61,8 @@ async def create_workflow(request: web.Request) -> web.Response:
     )
 
     response = workflow_response(workflow, status=201)
-    response.headers["Location"] = f"/api/workflows/{workflow.id}"
+    location = request.app.router["workflow_api"].url_for(workflow_id=workflow.id)
+    response.headers["Location"] = str(location)
     return response
 
 
@@ -80,7 +81,7 @@ async def list_workflows(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/api/workflows/{workflow_id}")
+@routes.get("/api/workflows/{workflow_id}", name="workflow_api")
 async def get_workflow(request: web.Request) -> web.Response:
     """Return one workflow with its recent history; 401 if private, 404 if unknown."""
     await request.app[AUTH].require_read(request, request.match_info["workflow_id"])

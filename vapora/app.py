@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,19 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from . import admin, api, pages, sse, ws
+from . import admin, api, metrics, pages, sse, ws
 from .admission import OPEN_CONNECTIONS
-from .app_keys import AUTH, HUB, SETTINGS, STORE
+from .app_keys import AUTH, HUB, SETTINGS, STATS, STORE
 from .auth import Auth, csrf_cookie_middleware
-from .errors import TooManyRequests, VaporaError
 from .hub import Hub
+from .middleware import (
+    error_middleware,
+    forwarded_middleware,
+    security_headers_middleware,
+)
 from .model import utc_now
 from .settings import Settings
+from .stats import Stats
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -38,73 +44,6 @@ def asset_dir(name: str) -> Path:
     raise RuntimeError(f"cannot find the {name}/ folder next to {PACKAGE_DIR}")
 
 
-def wants_json(request: web.Request) -> bool:
-    return request.path.startswith("/api/") or request.headers.get(
-        "Accept", ""
-    ).startswith("application/json")
-
-
-def error_response(
-    request: web.Request, status: int, code: str, message: str, field: str | None
-) -> web.Response:
-    if wants_json(request):
-        body = {"error": {"code": code, "message": message, "field": field}}
-        return web.json_response(body, status=status)
-    context = {"status": status, "message": message}
-    return aiohttp_jinja2.render_template("error.html", request, context, status=status)
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
-    """Answer errors as JSON to API callers and as a page to people."""
-    try:
-        return await handler(request)
-    except VaporaError as error:
-        response = error_response(
-            request, error.status, error.code, error.message, error.field
-        )
-        if isinstance(error, TooManyRequests):
-            response.headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400 or exc.empty_body:
-            raise
-        code = exc.reason.lower().replace(" ", "_")
-        if exc.status == 413:
-            limit = request.app[SETTINGS].max_body_bytes
-            return error_response(
-                request, 413, code, f"the body is larger than {limit} bytes", None
-            )
-        message = (
-            exc.text
-            if exc.text and not exc.text.startswith(str(exc.status))
-            else exc.reason
-        )
-        return error_response(request, exc.status, code, message, None)
-
-
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-)
-
-
-@web.middleware
-async def security_headers_middleware(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
-    response = await handler(request)
-    if not response.prepared:
-        headers = response.headers
-        headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        headers.setdefault("X-Content-Type-Options", "nosniff")
-        headers.setdefault("Referrer-Policy", "same-origin")
-        headers.setdefault("X-Frame-Options", "DENY")
-    return response
-
-
 async def template_context(request: web.Request) -> dict[str, Any]:
     auth = request.app[AUTH]
     # A client that hears nothing for this long treats its link as dead.
@@ -118,22 +57,30 @@ async def template_context(request: web.Request) -> dict[str, Any]:
 
 def create_app(settings: Settings) -> web.Application:
     """Return the application for these settings; the store opens on start-up."""
+    # Outermost first: the client's real address, then counting every answer,
+    # then headers on every page, then errors turned into answers.
+    middlewares = [
+        metrics.count_requests,
+        security_headers_middleware,
+        error_middleware,
+        csrf_cookie_middleware,
+    ]
+    if settings.proxies and not settings.base_path:
+        middlewares.insert(0, forwarded_middleware)
     app = web.Application(
-        middlewares=[
-            security_headers_middleware,
-            error_middleware,
-            csrf_cookie_middleware,
-        ],
-        client_max_size=settings.max_body_bytes,
+        middlewares=middlewares, client_max_size=settings.max_body_bytes
     )
-    store = Store(settings.db)
+    stats = Stats()
+    store = Store(settings.db, stats)
     app[SETTINGS] = settings
     app[STORE] = store
     app[AUTH] = Auth(store, settings)
     app[OPEN_CONNECTIONS] = Counter()
-    hub = Hub()
+    hub = Hub(stats)
     store.add_listener(hub.publish)
     app[HUB] = hub
+    app[STATS] = stats
+    app[metrics.REGISTRY] = metrics.make_registry(hub, stats)
 
     env = aiohttp_jinja2.setup(
         app,
@@ -160,6 +107,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(api.routes)
     app.router.add_routes(pages.routes)
     app.router.add_routes(admin.routes)
+    app.router.add_routes(metrics.routes)
     app.router.add_static(
         "/static", asset_dir("static"), name="static", append_version=True
     )
@@ -168,7 +116,20 @@ def create_app(settings: Settings) -> web.Application:
         return str(app.router["static"].url_for(filename=filename))
 
     env.globals.update(static=static, loaded_at=utc_now)
-    return app
+    if not settings.base_path:
+        return app
+    # Mounted under the prefix, every url_for, and so every link, form and
+    # socket URL, carries it.
+    root = web.Application(client_max_size=settings.max_body_bytes)
+    if settings.proxies:
+        root.middlewares.append(forwarded_middleware)
+    root.add_subapp(settings.base_path, app)
+    root[SETTINGS] = settings
+    root[STORE] = store
+    root[AUTH] = app[AUTH]
+    root[HUB] = hub
+    root[STATS] = stats
+    return root
 
 
 async def _store_and_hub(app: web.Application) -> AsyncIterator[None]:
@@ -177,7 +138,33 @@ async def _store_and_hub(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB]
     hub.epoch = store.epoch
     await app[AUTH].setup()
-    heartbeats = asyncio.create_task(hub.run_heartbeats(app[SETTINGS].heartbeat_s))
+    settings = app[SETTINGS]
+    tasks = [asyncio.create_task(hub.run_heartbeats(settings.heartbeat_s))]
+    if settings.retention_days > 0:
+        tasks.append(asyncio.create_task(prune_forever(store, settings)))
     yield
-    heartbeats.cancel()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await store.close()
+
+
+async def prune_forever(store: Store, settings: Settings) -> None:
+    """Apply the retention setting now, then every prune_interval_s."""
+    while True:
+        cutoff = datetime.now(UTC) - timedelta(days=settings.retention_days)
+        try:
+            workflows, events = await store.prune(
+                cutoff.isoformat(timespec="milliseconds")
+            )
+        except Exception:
+            logger.exception("Pruning old workflows and events failed")
+        else:
+            if workflows or events:
+                logger.info(
+                    "Pruned %d finished workflows and %d events older than %s",
+                    workflows,
+                    events,
+                    cutoff.isoformat(timespec="seconds"),
+                )
+        await asyncio.sleep(settings.prune_interval_s)

@@ -7,9 +7,11 @@ from aiohttp import web
 from .auth import Auth
 from .hub import Hub
 from .settings import Settings
+from .stats import Stats
 from .store import Store
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 HUB = web.AppKey("hub", Hub)
 AUTH = web.AppKey("auth", Auth)
+STATS = web.AppKey("stats", Stats)

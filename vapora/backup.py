@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 from pathlib import Path
 
@@ -28,6 +29,12 @@ def backup(db: str | Path, target: str | Path) -> int:
         # One step copies every page under one read transaction: a consistent
         # snapshot, while writers go on in WAL mode.
         source.backup(copy, pages=-1)
+        # Once restored, the copy's history parts from the original's: a new
+        # epoch tells resuming clients not to trust seqs they got elsewhere.
+        with copy:
+            copy.execute(
+                "UPDATE meta SET value = ? WHERE key = 'epoch'", (secrets.token_hex(8),)
+            )
         copy.execute("PRAGMA journal_mode = DELETE")
         (count,) = copy.execute("SELECT count(*) FROM workflows").fetchone()
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from . import logs
 from .app import create_app
 from .backup import backup
 from .settings import Settings
@@ -28,19 +30,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the server",
-        description="Run the server. Every option can also be set as VAPORA_<NAME>.",
+        description=(
+            "Run the server. Each setting comes from its flag, else from "
+            "VAPORA_<NAME>, else from the --config file, else its default."
+        ),
     )
-    for name in ("host", "port", "db"):
-        default = Settings.default(name)
-        serve.add_argument(
-            f"--{name}",
-            type=type(default),
-            default=None,
-            help=f"{Settings.help(name)} (VAPORA_{name.upper()}, default {default})",
-        )
     serve.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--config", metavar="FILE", help="a TOML file of settings (VAPORA_CONFIG)"
     )
+    for f in Settings.declared():
+        kind = type(f.default)
+        unit = f" in {f.metadata['unit']}" if f.metadata["unit"] else ""
+        shown = "" if f.name == "admin_token" else f", default {f.default!r}"
+        serve.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=str if kind is bool else kind,
+            choices=f.metadata["choices"] or None,
+            default=None,
+            metavar=None if f.metadata["choices"] else kind.__name__.upper(),
+            help=f"{f.metadata['help']}{unit} (VAPORA_{f.name.upper()}{shown})",
+        )
 
     copy = commands.add_parser(
         "backup",
@@ -58,11 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+
     if args.command == "backup":
+        logs.configure("INFO", "text")
         db = args.db or Settings.load({}).db
         try:
             count = backup(db, args.path)
@@ -70,18 +78,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("Backup failed: %s", error)
             return 1
         logger.info("Copied %s to %s (%d workflows)", db, args.path, count)
-    elif args.command == "serve":
-        given = {k: v for k, v in vars(args).items() if v is not None}
-        try:
-            settings = Settings.load(given)
-        except ValueError as error:
-            parser.error(str(error))
-        try:
-            asyncio.run(serve(settings))
-        except OSError as error:
-            logger.error("Cannot start: %s", error)
-            return 1
+        return 0
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    config = args.config or os_config()
+    try:
+        settings = Settings.load(given, config=config)
+    except ValueError as error:
+        parser.error(str(error))
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except OSError as error:
+        logger.error("Cannot start: %s", error)
+        return 1
     return 0
+
+
+def os_config() -> str | None:
+    return os.environ.get("VAPORA_CONFIG") or None
 
 
 async def serve(settings: Settings) -> None:
@@ -110,8 +125,14 @@ async def serve(settings: Settings) -> None:
         host, port = address[0], address[1]
         shown = f"[{host}]" if ":" in host else host
         logger.info(
-            "Vapora is serving http://%s:%d/ (database %s)", shown, port, settings.db
+            "Vapora is serving http://%s:%d%s/ (database %s, reading %s)",
+            shown,
+            port,
+            settings.base_path,
+            settings.db,
+            settings.read_access,
         )
+    logger.debug("Settings: %s", settings.public_items())
     await stop.wait()
     logger.info("Shutting down")
     await runner.cleanup()

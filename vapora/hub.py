@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
 from typing import Protocol
 
 from .frames import Encoded, Outgoing, heartbeat
 from .model import utc_now
+from .stats import Stats
 from .store import Change
 
 logger = logging.getLogger(__name__)
@@ -36,7 +39,8 @@ class Subscriber(Protocol):
 class Hub:
     """Fans committed changes out to the subscribers of each workflow."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: Stats | None = None) -> None:
+        self.stats = stats or Stats()
         # Identifies the database; set when the store opens.
         self.epoch = ""
         self._groups: dict[str, set[Subscriber]] = {}
@@ -65,10 +69,11 @@ class Hub:
         if not group and not self._everything:
             return
         out = Outgoing(change, self.epoch)
-        for sub in tuple(group or ()):
+        targets = (*(group or ()), *self._everything)
+        for sub in targets:
             self._deliver(sub, out)
-        for sub in tuple(self._everything):
-            self._deliver(sub, out)
+        self.stats.frames_sent += len(targets)
+        self.stats.publish_seconds.observe(time.monotonic() - change.committed_at)
 
     def _deliver(self, sub: Subscriber, out: Outgoing) -> None:
         try:
@@ -98,6 +103,14 @@ class Hub:
         if workflow_id is not None:
             return len(self._groups.get(workflow_id, ()))
         return sum(len(g) for g in self._groups.values()) + len(self._everything)
+
+    def count_by_transport(self) -> Counter[str]:
+        """Count subscribers by transport, for metrics; walks every subscriber."""
+        counts: Counter[str] = Counter()
+        for group in (*self._groups.values(), self._everything):
+            for sub in group:
+                counts[getattr(sub, "transport_name", "other")] += 1
+        return counts
 
     def watched_workflows(self) -> int:
         return len(self._groups)

@@ -1,15 +1,28 @@
-"""Settings, declared once: name, type, default, environment variable and help."""
+"""Settings, declared once: name, type, default, unit and help.
+
+Each is read from a command-line flag, else a VAPORA_<NAME> environment
+variable, else the TOML file given with --config, else its default, and is
+checked at start-up with an error that names the setting and the value.
+"""
 
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
+SECRET_SETTINGS = frozenset({"admin_token"})
 
-def setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+
+def setting(
+    default: Any, help: str, unit: str = "", choices: tuple[str, ...] = ()
+) -> Any:
+    return field(
+        default=default, metadata={"help": help, "unit": unit, "choices": choices}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,86 +33,187 @@ class Settings:
     admin_token: str = setting(
         "", "admin token; when empty, one is generated at first start and logged once"
     )
-    heartbeat_s: float = setting(20.0, "seconds between server pings on each socket")
-    max_queue_bytes: int = setting(
-        64 * 1024, "bytes queued for one socket before it gets the latest state instead"
+    base_path: str = setting(
+        "", "URL prefix the server is mounted under behind a proxy, such as /vapora"
     )
-    stuck_timeout_s: float = setting(
-        30.0, "seconds a socket may stay unable to take data before it is closed"
+    trusted_proxies: str = setting(
+        "",
+        "comma-separated addresses of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto headers are believed",
     )
-    max_resume_events: int = setting(
-        1000, "most missed events replayed on resume; past that, a fresh snapshot"
-    )
-    max_incoming_bytes: int = setting(4096, "largest frame a client may send")
     read_access: str = setting(
         "public",
-        "who may read workflows: public (anyone with the URL) or private "
-        "(signed-in admins, read tokens and share links)",
+        "who may read workflows: anyone with the URL, or only signed-in admins, "
+        "read tokens and share links",
+        choices=("public", "private"),
     )
     allowed_origins: str = setting(
         "", "comma-separated origins, besides this server's, that may open sockets"
     )
-    max_body_bytes: int = setting(64 * 1024, "largest request body accepted")
+    heartbeat_s: float = setting(
+        20.0, "time between pings and heartbeats on each socket", unit="s"
+    )
+    max_queue_bytes: int = setting(
+        64 * 1024,
+        "data queued for one socket before it gets the latest state instead",
+        unit="bytes",
+    )
+    stuck_timeout_s: float = setting(
+        30.0, "time a socket may stay unable to take data before it is closed", unit="s"
+    )
+    max_resume_events: int = setting(
+        1000, "most missed events replayed on resume; past that, a fresh snapshot"
+    )
+    max_incoming_bytes: int = setting(
+        4096, "largest frame a client may send", unit="bytes"
+    )
+    max_body_bytes: int = setting(
+        64 * 1024, "largest request body accepted", unit="bytes"
+    )
     max_connections_per_address: int = setting(
         64, "most open sockets and event streams from one client address"
     )
-    session_hours: float = setting(12.0, "hours an admin sign-in lasts")
-    shutdown_timeout_s: float = setting(3.0, "seconds to finish requests on shutdown")
+    session_hours: float = setting(12.0, "how long an admin sign-in lasts", unit="h")
+    retention_days: float = setting(
+        30.0,
+        "age after which events and finished workflows are pruned; 0 keeps all",
+        unit="days",
+    )
+    prune_interval_s: float = setting(3600.0, "time between retention passes", unit="s")
+    shutdown_timeout_s: float = setting(
+        3.0, "time given to open requests on shutdown", unit="s"
+    )
+    log_level: str = setting(
+        "INFO",
+        "least severe log level written",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    )
+    log_format: str = setting(
+        "text", "log lines as text, or as JSON objects", choices=("text", "json")
+    )
 
     @property
     def origins(self) -> frozenset[str]:
-        parts = (o.strip().rstrip("/") for o in self.allowed_origins.split(","))
-        return frozenset(p for p in parts if p)
+        return _csv(self.allowed_origins)
+
+    @property
+    def proxies(self) -> frozenset[str]:
+        return _csv(self.trusted_proxies)
+
+    def public_items(self) -> dict[str, Any]:
+        """The settings an operator wants in the start-up log, never a secret."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in SECRET_SETTINGS
+        }
 
     @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+    def declared(cls) -> list[Any]:
+        return list(fields(cls))
 
     @classmethod
     def help(cls, name: str) -> str:
-        return str(next(f for f in fields(cls) if f.name == name).metadata["help"])
+        return str(_field(name).metadata["help"])
 
     @classmethod
     def default(cls, name: str) -> Any:
-        return next(f for f in fields(cls) if f.name == name).default
+        return _field(name).default
 
     @classmethod
     def load(
         cls,
         given: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
+        config: str | Path | None = None,
     ) -> Settings:
-        """Build settings from given values, then VAPORA_* variables, then defaults.
+        """Build settings from flags, then VAPORA_* variables, then a TOML file.
 
         Raises ValueError naming the setting and the value when one is wrong.
         """
         given = given or {}
         environ = os.environ if environ is None else environ
+        from_file = _read_toml(config) if config else {}
+        unknown = set(from_file) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{config}: unknown setting {sorted(unknown)[0]!r}")
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = given.get(f.name)
-            source = f"--{f.name.replace('_', '-')}"
-            if raw is None:
-                env_name = "VAPORA_" + f.name.upper()
-                raw = environ.get(env_name)
-                source = env_name
-            if raw is None:
+            env_name = "VAPORA_" + f.name.upper()
+            if given.get(f.name) is not None:
+                raw, source = given[f.name], f"--{f.name.replace('_', '-')}"
+            elif env_name in environ:
+                raw, source = environ[env_name], env_name
+            elif f.name in from_file:
+                raw, source = from_file[f.name], f"{config}: {f.name}"
+            else:
                 continue
-            values[f.name] = _convert(f.name, type(f.default), raw, source)
-        return cls(**values)
+            values[f.name] = _convert(f, raw, source)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Raise ValueError for values that are well-typed but make no sense."""
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0 to 65535, got {self.port}")
+        if self.base_path and (
+            not self.base_path.startswith("/") or self.base_path.endswith("/")
+        ):
+            raise ValueError(
+                f"base_path starts with / and does not end with one: {self.base_path!r}"
+            )
+        if self.heartbeat_s <= 0:
+            raise ValueError(f"heartbeat_s must be above 0, got {self.heartbeat_s}")
 
 
-def _convert(name: str, kind: type, raw: Any, source: str) -> Any:
+def _field(name: str) -> Any:
+    return next(f for f in fields(Settings) if f.name == name)
+
+
+def _csv(value: str) -> frozenset[str]:
+    parts = (p.strip().rstrip("/") for p in value.split(","))
+    return frozenset(p for p in parts if p)
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
     try:
-        value = kind(raw)
-    except (TypeError, ValueError):
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as error:
         raise ValueError(
-            f"{source}: {raw!r} is not a valid {kind.__name__} for {name}"
+            f"cannot read the config file {path}: {error.strerror}"
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path} is not valid TOML: {error}") from None
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def _convert(f: Any, raw: Any, source: str) -> Any:
+    kind = type(f.default)
+    try:
+        if kind is bool and isinstance(raw, str):
+            value: Any = {"true": True, "1": True, "false": False, "0": False}[
+                raw.lower()
+            ]
+        elif (
+            kind is float
+            and isinstance(raw, bool)
+            or kind is int
+            and isinstance(raw, float)
+        ):
+            raise ValueError
+        else:
+            value = kind(raw)
+    except (TypeError, ValueError, KeyError):
+        raise ValueError(
+            f"{source}: {raw!r} is not a valid {kind.__name__} for {f.name}"
         ) from None
     if kind in (int, float) and value < 0:
-        raise ValueError(f"{source}: {name} must not be negative, got {raw!r}")
-    if name == "read_access" and value not in ("public", "private"):
-        raise ValueError(f"{source}: read_access is public or private, not {raw!r}")
-    if name == "port" and not 0 <= value <= 65535:
-        raise ValueError(f"{source}: port must be 0 to 65535, got {raw!r}")
+        raise ValueError(f"{source}: {f.name} must not be negative, got {raw!r}")
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise ValueError(
+            f"{source}: {f.name} must be one of {', '.join(choices)}, got {raw!r}"
+        )
     return value

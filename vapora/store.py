@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from .model import (
     summarize,
     utc_now,
 )
+from .stats import Stats
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ MIGRATIONS: list[str] = [
         revoked_at TEXT
     );
     CREATE UNIQUE INDEX tokens_live_name ON tokens (name) WHERE revoked_at IS NULL;
+    CREATE INDEX events_by_time ON events (at);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -94,6 +97,7 @@ class Change:
     seq: int
     payload: str
     status: Status
+    committed_at: float  # time.monotonic() just after the commit
 
 
 Listener = Callable[[Change], None]
@@ -111,8 +115,9 @@ def hash_secret(secret: str) -> str:
 class Store:
     """Workflows in one SQLite file, with a writer and a reader connection."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, stats: Stats | None = None) -> None:
         self.path = str(path)
+        self.stats = stats or Stats()
         self.epoch = ""
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -152,6 +157,8 @@ class Store:
                 f"{self.path} has schema version {version}, newer than this "
                 f"Vapora understands ({SCHEMA_VERSION}); upgrade Vapora"
             )
+        if version == 0:
+            logger.info("Creating %s (schema version %d)", self.path, SCHEMA_VERSION)
         for number in range(version, SCHEMA_VERSION):
             await conn.execute("BEGIN IMMEDIATE")
             try:
@@ -163,7 +170,8 @@ class Store:
             except BaseException:
                 await conn.execute("ROLLBACK")
                 raise
-            logger.info("Migrated %s to schema version %d", self.path, number + 1)
+            if version > 0:
+                logger.info("Migrated %s to schema version %d", self.path, number + 1)
 
     @staticmethod
     async def _user_version(conn: aiosqlite.Connection) -> int:
@@ -197,12 +205,17 @@ class Store:
             return int(cursor.rowcount)
 
     async def fetch_all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        async with self.reader.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        """Run one query to its end in a single call, and return its rows.
+
+        Reading and closing in one call matters: a statement left open while
+        other reads interleave on the same connection would hold its read
+        transaction, and later reads would see a stale snapshot.
+        """
+        return list(await self.reader.execute_fetchall(sql, params))
 
     async def fetch_one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        async with self.reader.execute(sql, params) as cursor:
-            return await cursor.fetchone()
+        rows = await self.fetch_all(sql, params)
+        return rows[0] if rows else None
 
     # -- meta -----------------------------------------------------------------
 
@@ -228,10 +241,9 @@ class Store:
 
     async def get_workflow(self, workflow_id: str, history: int = 0) -> Workflow:
         """Return one workflow, with its newest `history` events; NotFound if none."""
-        async with self.reader.execute(
+        row = await self.fetch_one(
             "SELECT * FROM workflows WHERE id = ?", (workflow_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         if row is None:
             raise NotFound("workflow_id", f"no workflow with id {workflow_id!r}")
         workflow = _workflow_from_row(row)
@@ -261,24 +273,22 @@ class Store:
 
     async def history(self, workflow_id: str, limit: int) -> list[Event]:
         """Return the newest events of a workflow, newest first."""
-        async with self.reader.execute(
+        rows = await self.fetch_all(
             "SELECT workflow_id, seq, kind, actor, at, summary FROM events "
             "WHERE workflow_id = ? ORDER BY seq DESC LIMIT ?",
             (workflow_id, limit),
-        ) as cursor:
-            rows = await cursor.fetchall()
+        )
         return [Event(*row) for row in rows]
 
     async def events_after(
         self, workflow_id: str, after_seq: int, limit: int
     ) -> list[tuple[int, str]]:
         """Return (seq, payload) of the events after after_seq, oldest first."""
-        async with self.reader.execute(
+        rows = await self.fetch_all(
             "SELECT seq, payload FROM events WHERE workflow_id = ? AND seq > ? "
             "ORDER BY seq LIMIT ?",
             (workflow_id, after_seq, limit),
-        ) as cursor:
-            rows = await cursor.fetchall()
+        )
         return [(int(row[0]), str(row[1])) for row in rows]
 
     # -- writes --------------------------------------------------------------
@@ -365,10 +375,12 @@ class Store:
         if message is not None:
             message = clean_text(message, "message", MAX_MESSAGE_CHARS, required=False)
         async with self._write_lock:
-            async with self.writer.execute(
-                "SELECT * FROM workflows WHERE id = ?", (workflow_id,)
-            ) as cursor:
-                row = await cursor.fetchone()
+            rows = list(
+                await self.writer.execute_fetchall(
+                    "SELECT * FROM workflows WHERE id = ?", (workflow_id,)
+                )
+            )
+            row = rows[0] if rows else None
             if row is None:
                 raise NotFound("workflow_id", f"no workflow with id {workflow_id!r}")
             workflow = _workflow_from_row(row)
@@ -399,6 +411,7 @@ class Store:
             [s.as_dict() for s in wf.steps], ensure_ascii=False, separators=(",", ":")
         )
         db = self.writer
+        started = time.monotonic()
         await db.execute("BEGIN IMMEDIATE")
         try:
             if new:
@@ -446,8 +459,43 @@ class Store:
         except BaseException:
             await db.execute("ROLLBACK")
             raise
+        committed = time.monotonic()
+        self.stats.store_write_seconds.observe(committed - started)
         wf.history = []
-        return Change(wf.id, wf.seq, payload_json, wf.status)
+        return Change(wf.id, wf.seq, payload_json, wf.status, committed)
+
+    # -- retention -------------------------------------------------------------
+
+    async def prune(self, older_than: str, batch: int = 1000) -> tuple[int, int]:
+        """Delete what was last changed before older_than; return (workflows, events).
+
+        Finished workflows go whole. Of the others, old events go, but never a
+        workflow's newest one, which holds its current state. Work is done in
+        small transactions so writers are never held up for long.
+        """
+        finished = tuple(s.value for s in Status if s.is_final)
+        workflows = await self._prune_batches(
+            "DELETE FROM workflows WHERE id IN (SELECT id FROM workflows "
+            "WHERE status IN (?, ?, ?) AND updated_at < ? LIMIT ?)",
+            (*finished, older_than, batch),
+        )
+        events = await self._prune_batches(
+            "DELETE FROM events WHERE (workflow_id, seq) IN ("
+            "SELECT e.workflow_id, e.seq FROM events e JOIN workflows w "
+            "ON w.id = e.workflow_id WHERE e.at < ? AND e.seq < w.seq LIMIT ?)",
+            (older_than, batch),
+        )
+        return workflows, events
+
+    async def _prune_batches(self, sql: str, params: tuple[Any, ...]) -> int:
+        total = 0
+        while True:
+            async with self._write_lock:
+                cursor = await self.writer.execute(sql, params)
+                changed = int(cursor.rowcount)
+            total += changed
+            if changed < params[-1]:
+                return total
 
     def _notify(self, change: Change) -> None:
         for listener in self._listeners:

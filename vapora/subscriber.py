@@ -130,6 +130,9 @@ class Subscriber:
                 epoch,
                 self.settings.max_resume_events,
             )
+        if after is not None:
+            served = "snapshot" if frames and frames[0].event == "snapshot" else "log"
+            self.store.stats.resumes[served] += 1
         if self._lagging or self.closing:
             return
         for frame in frames:
@@ -143,6 +146,7 @@ class Subscriber:
             self.deliver(out)
 
     def _fall_behind(self) -> None:
+        self.store.stats.updates_collapsed += 1
         self._lagging = True
         self._backlog = None
         if self._recovery is None:
@@ -158,6 +162,7 @@ class Subscriber:
                 self.peer,
                 self.settings.stuck_timeout_s,
             )
+            self.store.stats.slow_clients_closed += 1
             self.abort(CLOSE_RESUME, "too slow; reconnect and resume")
             return
         finally:
