@@ -301,7 +301,7 @@
       return;
     }
     if (frame.now) clockOffsetMs = Date.parse(frame.now) - Date.now();
-    if (frame.type === "heartbeat") return;
+    if (frame.type === "heartbeat" || frame.type === "ready") return;
     if (page === "workflow") applyWorkflowFrame(frame);
     else applyListFrame(frame);
   }
@@ -362,7 +362,7 @@
     var handler = function (msg) {
       if (events === source) onFrame(msg.data);
     };
-    ["snapshot", "update", "heartbeat"].forEach(function (name) {
+    ["snapshot", "update", "ready", "heartbeat"].forEach(function (name) {
       source.addEventListener(name, handler);
     });
     source.onopen = function () {

@@ -47,6 +47,7 @@ async def test_signal_closes_sockets_with_going_away_and_exits(
         )
         assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
 
+        assert (await ws.receive_json(timeout=5))["type"] == "ready"
         server.proc.send_signal(sig)
         msg = await ws.receive(timeout=5)
 

@@ -233,6 +233,7 @@ async def test_slow_subscriber_catches_up_from_the_latest_state(
     wid = wf["workflow_id"]
     ws = await client.ws_connect(f"/api/workflows/{wid}/updates")
     await ws.receive_json(timeout=5)
+    assert (await ws.receive_json(timeout=5))["type"] == "ready"
     sub = next(iter(client.app[HUB]._groups[wid]))
     sub.protocol.pause_writing()  # as the transport does when its buffer is full
 
@@ -245,6 +246,7 @@ async def test_slow_subscriber_catches_up_from_the_latest_state(
     assert caught_up["type"] == "snapshot"
     assert caught_up["reason"] == "collapsed"
     assert (caught_up["seq"], caught_up["message"]) == (4, "the latest")
+    assert (await ws.receive_json(timeout=5))["type"] == "ready"
     await advance(client, wid, "live again")
     assert (await ws.receive_json(timeout=5))["seq"] == 5
     await ws.close()
@@ -361,7 +363,7 @@ async def read_sse(
         line = (await asyncio.wait_for(response.content.readline(), 5)).decode()
         line = line.rstrip("\n")
         if line == "":
-            if current.get("event") not in (None, "heartbeat"):
+            if current.get("event") not in (None, "heartbeat", "ready"):
                 events.append(current)
             current = {}
             continue

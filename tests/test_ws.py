@@ -40,7 +40,7 @@ async def frames_until(
         msg = await asyncio.wait_for(ws.receive(), 10)
         assert msg.type is aiohttp.WSMsgType.TEXT, msg
         frame = msg.json()
-        if frame["type"] != "heartbeat":
+        if frame["type"] not in ("heartbeat", "ready"):
             frames.append(frame)
     return frames
 
@@ -233,6 +233,7 @@ async def test_list_socket_starts_with_the_list_and_follows_every_workflow(
 
     async with client.ws_connect("/api/updates") as ws:
         listing = await ws.receive_json(timeout=5)
+        assert (await ws.receive_json(timeout=5))["type"] == "ready"
         second = await create_workflow(client, name="second")
         created = await ws.receive_json(timeout=5)
 

@@ -78,3 +78,10 @@ async def list_snapshot(store: Store, limit: int) -> Encoded:
         "list", store.epoch, '{"workflows":[' + body + "]}", now=utc_now()
     )
     return Encoded("list", None, text.encode())
+
+
+def ready_frame(epoch: str, seq: int) -> Encoded:
+    """The frame that ends a catch-up: from here on, the stream is live."""
+    shown = seq if seq >= 0 else None
+    text = frame_text("ready", epoch, "{}", seq=shown, now=utc_now())
+    return Encoded("ready", shown, text.encode())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .catchup import list_snapshot, opening_frames, snapshot
+from .catchup import list_snapshot, opening_frames, ready_frame, snapshot
 from .frames import Encoded, Outgoing
 from .settings import Settings
 from .store import Store
@@ -141,6 +141,9 @@ class Subscriber:
                 self.last_seq = frame.seq
         if after is not None and not frames:
             self.last_seq = after
+        # Says the catch-up is over, even when there was nothing to catch up on,
+        # so a client knows at once that its link works.
+        self.send_own(ready_frame(self.store.epoch, self.last_seq))
         backlog, self._backlog = self._backlog or [], None
         for out in backlog:
             self.deliver(out)
