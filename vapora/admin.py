@@ -12,8 +12,9 @@ from .app_keys import AUTH, STORE
 from .auth import ADMIN, CSRF_FIELD
 from .credentials import Scope, clean_scope
 from .errors import InvalidInput, TooManyRequests, VaporaError
-from .model import Status, Workflow, clean_status
+from .model import Status, Workflow
 from .store import Store
+from .validate import clean_status
 
 routes = web.RouteTableDef()
 

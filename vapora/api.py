@@ -11,7 +11,8 @@ from .app_keys import AUTH, STORE
 from .catchup import workflow_json
 from .credentials import Token, clean_scope
 from .errors import InvalidInput
-from .model import Workflow, clean_status
+from .model import Workflow
+from .validate import clean_status
 
 routes = web.RouteTableDef()
 

@@ -14,8 +14,9 @@ from enum import StrEnum
 import aiosqlite
 
 from .errors import InvalidInput, NotFound
-from .model import clean_text, utc_now
+from .model import utc_now
 from .store import Store, hash_secret
+from .validate import clean_text
 
 TOKEN_PREFIX = "vpr_"
 MAX_TOKEN_NAME_CHARS = 80

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from .errors import InvalidInput, RuleViolation
+from .errors import RuleViolation
 
 
 class Status(StrEnum):
@@ -55,6 +54,7 @@ MAX_NAME_CHARS = 200
 MAX_STEP_NAME_CHARS = 200
 MAX_MESSAGE_CHARS = 2000
 MAX_STEPS = 200
+STALL_FLOOR_S = 10.0
 
 
 def utc_now() -> str:
@@ -62,57 +62,35 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def clean_text(value: Any, field_name: str, max_chars: int, required: bool) -> str:
-    """Check a piece of user text; raise InvalidInput naming the field."""
-    if value is None:
-        value = ""
-    if not isinstance(value, str):
-        raise InvalidInput(field_name, f"{field_name} must be a string")
-    text: str = value.strip()
-    if required and not text:
-        raise InvalidInput(field_name, f"{field_name} is required")
-    if len(text) > max_chars:
-        raise InvalidInput(
-            field_name,
-            f"{field_name} is {len(text)} characters; the limit is {max_chars}",
-        )
-    for ch in text:
-        category = unicodedata.category(ch)
-        if category == "Cc" and ch not in "\n\t":
-            raise InvalidInput(
-                field_name, f"{field_name} contains a control character U+{ord(ch):04X}"
-            )
-        if category == "Cs":
-            raise InvalidInput(
-                field_name,
-                f"{field_name} contains an unpaired surrogate U+{ord(ch):04X}",
-            )
-    return text
+@dataclass(slots=True)
+class Gate:
+    """A step that waits for a person: who may answer, and what silence means."""
 
+    approvers: list[str] = field(default_factory=list)
+    timeout_s: float | None = None
+    on_timeout: str = "reject"
+    decision: str | None = None  # "approved" or "rejected", once answered
+    decided_by: str | None = None
+    decided_at: str | None = None
+    comment: str | None = None
 
-def clean_steps(value: Any) -> list[str]:
-    """Check a list of step names, or a text with one step per line."""
-    if isinstance(value, str):
-        value = [line for line in value.splitlines() if line.strip()]
-    if not isinstance(value, list):
-        raise InvalidInput("steps", "steps must be a list of step names")
-    if not value:
-        raise InvalidInput("steps", "a workflow needs at least one step")
-    if len(value) > MAX_STEPS:
-        raise InvalidInput("steps", f"{len(value)} steps; the limit is {MAX_STEPS}")
-    names = [clean_text(v, "steps", MAX_STEP_NAME_CHARS, required=True) for v in value]
-    for name in names:
-        if "\n" in name:
-            raise InvalidInput("steps", "a step name must be a single line")
-    return names
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "approvers": self.approvers,
+            "timeout_s": self.timeout_s,
+            "on_timeout": self.on_timeout,
+            "decision": self.decision,
+            "decided_by": self.decided_by,
+            "decided_at": self.decided_at,
+            "comment": self.comment,
+        }
 
-
-def clean_status(value: Any) -> Status:
-    try:
-        return Status(value)
-    except ValueError:
-        allowed = ", ".join(s.value for s in Status)
-        raise InvalidInput("status", f"status must be one of: {allowed}") from None
+    @property
+    def who(self) -> str:
+        """Say who may answer, for people."""
+        if not self.approvers:
+            return "an admin"
+        return ", ".join(self.approvers) + " or an admin"
 
 
 @dataclass(slots=True)
@@ -121,22 +99,28 @@ class Step:
     state: StepState = StepState.PENDING
     started_at: str | None = None
     finished_at: str | None = None
+    gate: Gate | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "state": self.state.value,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
         }
+        if self.gate is not None:
+            data["gate"] = self.gate.as_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Step:
+        gate = data.get("gate")
         return cls(
             data["name"],
             StepState(data["state"]),
             data["started_at"],
             data["finished_at"],
+            Gate(**gate) if gate else None,
         )
 
 
@@ -151,6 +135,8 @@ class Workflow:
     created_at: str
     updated_at: str
     seq: int
+    stall_after_s: float | None = None
+    stalled: bool = False
     history: list[Event] = field(default_factory=list)
 
     @property
@@ -174,6 +160,63 @@ class Workflow:
         return f"Step {self.current_step} of {self.total_steps}"
 
     @property
+    def open_gate(self) -> Gate | None:
+        """The gate of the current step while it waits for an answer."""
+        if not 1 <= self.current_step <= self.total_steps:
+            return None
+        gate = self.steps[self.current_step - 1].gate
+        if gate is None or gate.decision is not None or self.status.is_final:
+            return None
+        if self.steps[self.current_step - 1].state is not StepState.RUNNING:
+            return None
+        return gate
+
+    @property
+    def gate_deadline(self) -> str | None:
+        gate = self.open_gate
+        started = self.steps[self.current_step - 1].started_at
+        if gate is None or gate.timeout_s is None or started is None:
+            return None
+        deadline = datetime.fromisoformat(started) + timedelta(seconds=gate.timeout_s)
+        return deadline.isoformat(timespec="milliseconds")
+
+    @property
+    def stall_interval_s(self) -> float | None:
+        """How long silence may last before the workflow counts as stalled.
+
+        Set per workflow, or else learned from its own finished steps: three
+        times the longest of them, and never under STALL_FLOOR_S.
+        """
+        if self.stall_after_s:
+            return self.stall_after_s
+        durations = [
+            (
+                datetime.fromisoformat(s.finished_at)
+                - datetime.fromisoformat(s.started_at)
+            ).total_seconds()
+            for s in self.steps
+            if s.state is StepState.DONE and s.started_at and s.finished_at
+        ]
+        if not durations:
+            return None
+        return max(STALL_FLOOR_S, 3 * max(durations))
+
+    @property
+    def stall_at(self) -> str | None:
+        interval = self.stall_interval_s
+        if self.status is not Status.RUNNING or self.stalled or interval is None:
+            return None
+        at = datetime.fromisoformat(self.updated_at) + timedelta(seconds=interval)
+        return at.isoformat(timespec="milliseconds")
+
+    @property
+    def badge(self) -> tuple[str, str]:
+        """The status as a person sees it: (data-status value, label)."""
+        if self.stalled and self.status is Status.RUNNING:
+            return "stalled", "Stalled"
+        return self.status.value, self.status.label
+
+    @property
     def current_step_name(self) -> str | None:
         if 1 <= self.current_step <= self.total_steps:
             return self.steps[self.current_step - 1].name
@@ -186,6 +229,10 @@ class Workflow:
             "name": self.name,
             "status": self.status.value,
             "status_label": self.status.label,
+            "badge_status": self.badge[0],
+            "badge_label": self.badge[1],
+            "stalled": self.stalled,
+            "stall_after_s": self.stall_after_s,
             "current_step": self.current_step,
             "total_steps": self.total_steps,
             "percent": self.percent,
@@ -202,6 +249,32 @@ class Workflow:
 
     def advance(self, now: str) -> str:
         self._refuse_if_final("advance")
+        if self.open_gate is not None:
+            raise RuleViolation(
+                "gate",
+                f"step {self.current_step} waits for a person: approve or reject it",
+            )
+        return self._next_step(now)
+
+    def answer_gate(self, decision: str, by: str, comment: str, now: str) -> str:
+        """Record a person's answer to the open gate; approving moves on."""
+        gate = self.open_gate
+        if gate is None:
+            raise RuleViolation("gate", "no step is waiting for an answer")
+        gate.decision = "approved" if decision == "approve" else "rejected"
+        gate.decided_by = by
+        gate.decided_at = now
+        gate.comment = comment
+        if decision == "approve":
+            self._next_step(now)
+            return "approved"
+        step = self.steps[self.current_step - 1]
+        step.state = StepState.FAILED
+        step.finished_at = now
+        self.status = Status.FAILED
+        return "rejected"
+
+    def _next_step(self, now: str) -> str:
         if self.current_step >= 1:
             step = self.steps[self.current_step - 1]
             step.state = StepState.DONE
@@ -211,7 +284,8 @@ class Workflow:
             return "completed"
         self.current_step += 1
         self._start_current(now)
-        self.status = Status.RUNNING
+        gated = self.steps[self.current_step - 1].gate is not None
+        self.status = Status.WAITING if gated else Status.RUNNING
         return "advanced"
 
     def set_status(self, status: Status, now: str) -> str:
@@ -222,6 +296,11 @@ class Workflow:
             raise RuleViolation(
                 "status",
                 "a started workflow cannot go back to pending; reset it instead",
+            )
+        if status is Status.RUNNING and self.open_gate is not None:
+            raise RuleViolation(
+                "status",
+                f"step {self.current_step} waits for a person: approve or reject it",
             )
         if self.current_step == 0:
             self.current_step = 1
@@ -251,7 +330,10 @@ class Workflow:
         current = self.steps[self.current_step - 1]
         current.state = StepState.RUNNING
         current.finished_at = None
-        self.status = Status.RUNNING
+        if current.gate is not None and current.gate.decision == "rejected":
+            gate = current.gate
+            current.gate = Gate(gate.approvers, gate.timeout_s, gate.on_timeout)
+        self.status = Status.WAITING if self.open_gate else Status.RUNNING
         return "reopened"
 
     def reset(self) -> str:
@@ -259,6 +341,10 @@ class Workflow:
             step.state = StepState.PENDING
             step.started_at = None
             step.finished_at = None
+            if step.gate is not None:
+                step.gate = Gate(
+                    step.gate.approvers, step.gate.timeout_s, step.gate.on_timeout
+                )
         self.current_step = 0
         self.status = Status.PENDING
         return "reset"
@@ -301,6 +387,11 @@ def summarize(kind: str, wf: Workflow, message_changed: bool) -> str:
         text = "Reopened"
     elif kind == "reset":
         text = "Reset to the start"
+    elif kind in ("approved", "rejected"):
+        gate = next(s.gate for s in reversed(wf.steps) if s.gate and s.gate.decided_by)
+        text = f"{kind.capitalize()} by {gate.decided_by}: {gate.comment}"
+    elif kind == "stalled":
+        text = "Stalled: no news for longer than expected"
     else:
         text = "Message"
     if message_changed and wf.message and kind != "message":

@@ -28,12 +28,11 @@ from .model import (
     Status,
     Step,
     Workflow,
-    clean_steps,
-    clean_text,
     summarize,
     utc_now,
 )
 from .stats import Stats
+from .validate import clean_decision, clean_stall_after, clean_steps, clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +84,34 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX tokens_live_name ON tokens (name) WHERE revoked_at IS NULL;
     CREATE INDEX events_by_time ON events (at);
     """,
+    """
+    ALTER TABLE workflows ADD COLUMN stall_after_s REAL;
+    ALTER TABLE workflows ADD COLUMN stalled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE workflows ADD COLUMN stall_at TEXT;
+    ALTER TABLE workflows ADD COLUMN gate_deadline TEXT;
+    CREATE INDEX workflows_by_stall ON workflows (stall_at) WHERE stall_at IS NOT NULL;
+    CREATE INDEX workflows_by_gate ON workflows (gate_deadline)
+        WHERE gate_deadline IS NOT NULL;
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        events TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE webhook_deliveries (
+        id INTEGER PRIMARY KEY,
+        webhook_id TEXT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+        workflow_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE INDEX deliveries_by_time ON webhook_deliveries (at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -98,6 +125,8 @@ class Change:
     payload: str
     status: Status
     committed_at: float  # time.monotonic() just after the commit
+    kind: str = "update"
+    previous_status: Status | None = None
 
 
 Listener = Callable[[Change], None]
@@ -294,26 +323,35 @@ class Store:
     # -- writes --------------------------------------------------------------
 
     async def create_workflow(
-        self, name: Any, steps: Any, actor: str, message: Any = ""
+        self,
+        name: Any,
+        steps: Any,
+        actor: str,
+        message: Any = "",
+        stall_after_s: Any = None,
     ) -> Workflow:
         """Create a workflow at step 0 of N; InvalidInput names a bad field."""
         name = clean_text(name, "name", MAX_NAME_CHARS, required=True)
-        step_names = clean_steps(steps)
+        clean = clean_steps(steps)
         message = clean_text(message, "message", MAX_MESSAGE_CHARS, required=False)
+        stall_after = clean_stall_after(stall_after_s)
         now = utc_now()
         workflow = Workflow(
             id=new_workflow_id(),
             name=name,
             status=Status.PENDING,
             current_step=0,
-            steps=[Step(n) for n in step_names],
+            steps=clean,
             message=message,
             created_at=now,
             updated_at=now,
             seq=1,
+            stall_after_s=stall_after,
         )
         async with self._write_lock:
-            change = await self._commit(workflow, "created", actor, now, True, new=True)
+            change = await self._commit(
+                workflow, "created", actor, now, True, None, new=True
+            )
             self._notify(change)
         return workflow
 
@@ -357,6 +395,45 @@ class Store:
 
         return await self._change(workflow_id, actor, message, rule)
 
+    async def answer_gate(
+        self, workflow_id: str, decision: Any, actor: str, comment: Any
+    ) -> Workflow:
+        """Approve or reject the step that waits for a person; 409 if none waits."""
+        decision = clean_decision(decision)
+        comment = clean_text(comment, "comment", MAX_MESSAGE_CHARS, required=True)
+        return await self._change(
+            workflow_id,
+            actor,
+            None,
+            lambda wf, now: wf.answer_gate(decision, actor, comment, now),
+        )
+
+    async def mark_stalled(self, workflow_id: str) -> Workflow | None:
+        """Flag a running workflow whose news is overdue; None if it is not."""
+
+        def rule(wf: Workflow, now: str) -> str:
+            if wf.stall_at is None or wf.stall_at > now:
+                raise RuleViolation("stalled", "the workflow is not overdue")
+            wf.stalled = True
+            return "stalled"
+
+        try:
+            return await self._change(
+                workflow_id, "vapora", None, rule, keep_stall=True
+            )
+        except (RuleViolation, NotFound):
+            return None
+
+    async def due(self, now: str) -> tuple[list[str], list[str]]:
+        """Return the ids of workflows whose gate timed out, and of overdue ones."""
+        gates = await self.fetch_all(
+            "SELECT id FROM workflows WHERE gate_deadline <= ?", (now,)
+        )
+        stalls = await self.fetch_all(
+            "SELECT id FROM workflows WHERE stall_at <= ?", (now,)
+        )
+        return [r[0] for r in gates], [r[0] for r in stalls]
+
     async def reset(
         self, workflow_id: str, actor: str, message: Any = None
     ) -> Workflow:
@@ -371,6 +448,7 @@ class Store:
         actor: str,
         message: Any,
         rule: Callable[[Workflow, str], str],
+        keep_stall: bool = False,
     ) -> Workflow:
         if message is not None:
             message = clean_text(message, "message", MAX_MESSAGE_CHARS, required=False)
@@ -384,14 +462,19 @@ class Store:
             if row is None:
                 raise NotFound("workflow_id", f"no workflow with id {workflow_id!r}")
             workflow = _workflow_from_row(row)
+            previous = workflow.status
             now = utc_now()
+            if not keep_stall:
+                workflow.stalled = False  # any news ends a stall
             kind = rule(workflow, now)
             message_changed = message is not None and message != workflow.message
             if message is not None:
                 workflow.message = message
             workflow.updated_at = now
             workflow.seq += 1
-            change = await self._commit(workflow, kind, actor, now, message_changed)
+            change = await self._commit(
+                workflow, kind, actor, now, message_changed, previous
+            )
             self._notify(change)
         return workflow
 
@@ -402,6 +485,7 @@ class Store:
         actor: str,
         now: str,
         message_changed: bool,
+        previous: Status | None,
         new: bool = False,
     ) -> Change:
         summary = summarize(kind, wf, message_changed)
@@ -414,37 +498,35 @@ class Store:
         started = time.monotonic()
         await db.execute("BEGIN IMMEDIATE")
         try:
+            row = (
+                wf.name,
+                wf.status.value,
+                wf.current_step,
+                steps_json,
+                wf.message,
+                wf.created_at,
+                wf.updated_at,
+                wf.seq,
+                wf.stall_after_s,
+                int(wf.stalled),
+                wf.stall_at,
+                wf.gate_deadline,
+            )
             if new:
                 await db.execute(
-                    "INSERT INTO workflows (id, name, status, current_step, steps, "
-                    "message, created_at, updated_at, seq) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        wf.id,
-                        wf.name,
-                        wf.status.value,
-                        wf.current_step,
-                        steps_json,
-                        wf.message,
-                        wf.created_at,
-                        wf.updated_at,
-                        wf.seq,
-                    ),
+                    "INSERT INTO workflows (name, status, current_step, steps, "
+                    "message, created_at, updated_at, seq, stall_after_s, stalled, "
+                    "stall_at, gate_deadline, id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*row, wf.id),
                 )
             else:
                 cursor = await db.execute(
-                    "UPDATE workflows SET status = ?, current_step = ?, steps = ?, "
-                    "message = ?, updated_at = ?, seq = ? WHERE id = ? AND seq = ?",
-                    (
-                        wf.status.value,
-                        wf.current_step,
-                        steps_json,
-                        wf.message,
-                        wf.updated_at,
-                        wf.seq,
-                        wf.id,
-                        wf.seq - 1,
-                    ),
+                    "UPDATE workflows SET name = ?, status = ?, current_step = ?, "
+                    "steps = ?, message = ?, created_at = ?, updated_at = ?, seq = ?, "
+                    "stall_after_s = ?, stalled = ?, stall_at = ?, gate_deadline = ? "
+                    "WHERE id = ? AND seq = ?",
+                    (*row, wf.id, wf.seq - 1),
                 )
                 if cursor.rowcount != 1:
                     raise RuleViolation(
@@ -462,7 +544,7 @@ class Store:
         committed = time.monotonic()
         self.stats.store_write_seconds.observe(committed - started)
         wf.history = []
-        return Change(wf.id, wf.seq, payload_json, wf.status, committed)
+        return Change(wf.id, wf.seq, payload_json, wf.status, committed, kind, previous)
 
     # -- retention -------------------------------------------------------------
 
@@ -518,4 +600,6 @@ def _workflow_from_row(row: aiosqlite.Row) -> Workflow:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         seq=row["seq"],
+        stall_after_s=row["stall_after_s"],
+        stalled=bool(row["stalled"]),
     )

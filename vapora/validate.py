@@ -1,0 +1,138 @@
+"""Checks on what callers send: text, step lists, statuses and gates."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+from .errors import InvalidInput
+from .model import MAX_NAME_CHARS, MAX_STEP_NAME_CHARS, MAX_STEPS, Gate, Status, Step
+
+GATE_MARK = "[gate]"
+MAX_APPROVERS = 20
+
+
+def clean_text(value: Any, field_name: str, max_chars: int, required: bool) -> str:
+    """Check a piece of user text; raise InvalidInput naming the field."""
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise InvalidInput(field_name, f"{field_name} must be a string")
+    text: str = value.strip()
+    if required and not text:
+        raise InvalidInput(field_name, f"{field_name} is required")
+    if len(text) > max_chars:
+        raise InvalidInput(
+            field_name,
+            f"{field_name} is {len(text)} characters; the limit is {max_chars}",
+        )
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category == "Cc" and ch not in "\n\t":
+            raise InvalidInput(
+                field_name, f"{field_name} contains a control character U+{ord(ch):04X}"
+            )
+        if category == "Cs":
+            raise InvalidInput(
+                field_name,
+                f"{field_name} contains an unpaired surrogate U+{ord(ch):04X}",
+            )
+    return text
+
+
+def clean_steps(value: Any) -> list[Step]:
+    """Check the steps: names, or objects with a name and an optional gate.
+
+    A text gives one step a line; a line ending in [gate] waits for a person.
+    """
+    if isinstance(value, str):
+        value = [_step_from_line(line) for line in value.splitlines() if line.strip()]
+    if not isinstance(value, list):
+        raise InvalidInput("steps", "steps must be a list of step names")
+    if not value:
+        raise InvalidInput("steps", "a workflow needs at least one step")
+    if len(value) > MAX_STEPS:
+        raise InvalidInput("steps", f"{len(value)} steps; the limit is {MAX_STEPS}")
+    return [_clean_step(item) for item in value]
+
+
+def _step_from_line(line: str) -> Any:
+    text = line.strip()
+    if text.lower().endswith(GATE_MARK):
+        return {"name": text[: -len(GATE_MARK)], "gate": True}
+    return text
+
+
+def _clean_step(item: Any) -> Step:
+    if not isinstance(item, dict):
+        return Step(_step_name(item))
+    unknown = set(item) - {"name", "gate"}
+    if unknown:
+        raise InvalidInput("steps", f"unknown step field {sorted(unknown)[0]!r}")
+    return Step(_step_name(item.get("name")), gate=clean_gate(item.get("gate")))
+
+
+def _step_name(value: Any) -> str:
+    name = clean_text(value, "steps", MAX_STEP_NAME_CHARS, required=True)
+    if "\n" in name:
+        raise InvalidInput("steps", "a step name must be a single line")
+    return name
+
+
+def clean_gate(value: Any) -> Gate | None:
+    """Check a step's gate: true, or {approvers?, timeout_s?, on_timeout?}."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Gate()
+    if not isinstance(value, dict):
+        raise InvalidInput("gate", "gate must be true or an object")
+    unknown = set(value) - {"approvers", "timeout_s", "on_timeout"}
+    if unknown:
+        raise InvalidInput("gate", f"unknown gate field {sorted(unknown)[0]!r}")
+    approvers = value.get("approvers", [])
+    if not isinstance(approvers, list) or len(approvers) > MAX_APPROVERS:
+        raise InvalidInput(
+            "approvers", f"approvers must be a list of at most {MAX_APPROVERS} names"
+        )
+    names = [
+        clean_text(a, "approvers", MAX_NAME_CHARS, required=True) for a in approvers
+    ]
+    timeout = value.get("timeout_s")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or timeout <= 0
+    ):
+        raise InvalidInput("timeout_s", "timeout_s must be a number of seconds above 0")
+    on_timeout = value.get("on_timeout", "reject")
+    if on_timeout not in ("approve", "reject"):
+        raise InvalidInput("on_timeout", "on_timeout must be approve or reject")
+    return Gate(names, None if timeout is None else float(timeout), on_timeout)
+
+
+def clean_decision(value: Any) -> str:
+    if value not in ("approve", "reject"):
+        raise InvalidInput("decision", "decision must be approve or reject")
+    return str(value)
+
+
+def clean_status(value: Any) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        allowed = ", ".join(s.value for s in Status)
+        raise InvalidInput("status", f"status must be one of: {allowed}") from None
+
+
+def clean_stall_after(value: Any) -> float | None:
+    """Check a workflow's expected interval between changes, in seconds."""
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInput("stall_after_s", "stall_after_s must be a number") from None
+    if isinstance(value, bool) or not 1 <= seconds <= 7 * 24 * 3600:
+        raise InvalidInput("stall_after_s", "stall_after_s must be 1 s to 7 days")
+    return seconds
