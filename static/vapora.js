@@ -154,8 +154,8 @@
 
   function applySummary(root, state) {
     var badge = field(root, "status");
-    if (badge) badge.dataset.status = state.status;
-    setText(root, "status_label", state.status_label);
+    if (badge) badge.dataset.status = state.badge_status;
+    setText(root, "status_label", state.badge_label);
     setText(root, "message", state.message);
     setText(root, "step_label", state.step_label);
     setText(root, "percent", state.percent);
@@ -181,7 +181,7 @@
       if (!li) {
         li = document.createElement("li");
         li.className = "step";
-        ["icon", "step-name", "step-state", "step-duration"].forEach(function (cls) {
+        ["icon", "step-name", "step-state", "step-duration", "step-note"].forEach(function (cls) {
           var span = document.createElement("span");
           span.className = cls;
           if (cls === "icon") span.setAttribute("aria-hidden", "true");
@@ -194,9 +194,137 @@
       li.dataset.finished = step.finished_at || "";
       li.querySelector(".step-name").textContent = step.name;
       li.querySelector(".step-state").textContent = step.state;
+      li.querySelector(".step-note").textContent = stepNote(step);
     }
     while (list.children.length > steps.length) list.removeChild(list.lastChild);
     renderDurations();
+  }
+
+  var medians = JSON.parse(body.dataset.medians || "{}");
+
+  function gateWho(gate) {
+    return gate.approvers.length ? gate.approvers.join(", ") + " or an admin" : "an admin";
+  }
+
+  function stepNote(step) {
+    if (step.gate) {
+      if (!step.gate.decision) return "needs approval from " + gateWho(step.gate);
+      return step.gate.decision + " by " + step.gate.decided_by + ": " + step.gate.comment;
+    }
+    if (medians[step.name] !== undefined) return "usually " + formatDuration(medians[step.name] * 1000);
+    return "";
+  }
+
+  function openGate(state) {
+    var step = state.steps[state.current_step - 1];
+    if (state.status !== "waiting" || !step || !step.gate || step.gate.decision) return null;
+    return step;
+  }
+
+  function applyGate(state) {
+    var notice = field(document, "gate");
+    if (!notice) return;
+    var step = openGate(state);
+    notice.hidden = !step;
+    notice.textContent = step
+      ? "Step " + state.current_step + ", “" + step.name + "”, waits for approval from " +
+        gateWho(step.gate) + "."
+      : "";
+  }
+
+  // When the workflow usually ends, from how long its steps took in past runs.
+  function applyEstimate(state) {
+    var out = field(document, "estimate");
+    if (!out || !state) return;
+    var final = ["completed", "failed", "cancelled"].indexOf(state.status) >= 0;
+    var remaining = 0;
+    for (var i = 0; i < state.steps.length && !final; i++) {
+      var step = state.steps[i];
+      var usual = medians[step.name];
+      if (usual === undefined) {
+        final = true;
+        break;
+      }
+      if (step.state === "running" && step.started_at) {
+        remaining += Math.max(0, usual * 1000 - (serverNow() - Date.parse(step.started_at)));
+      } else if (step.state === "pending") {
+        remaining += usual * 1000;
+      }
+    }
+    out.hidden = final || !Object.keys(medians).length;
+    if (!out.hidden) {
+      var time = out.querySelector("time");
+      time.dataset.relative = "no";
+      setTime(time, new Date(serverNow() + remaining).toISOString());
+    }
+  }
+
+  // The tab shows the state too: in its title and its icon.
+  var FAVICON_COLOURS = {
+    pending: "#6b6f7c", running: "#2457c5", waiting: "#b07a00", paused: "#b07a00",
+    stalled: "#b07a00", completed: "#1b7a3d", failed: "#b3261e", cancelled: "#6b6f7c",
+  };
+
+  function applyTab(state) {
+    document.title = "(" + state.badge_label + ") " + state.name + " · Vapora";
+    var colour = FAVICON_COLOURS[state.badge_status] || "#6b6f7c";
+    var svg = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">' +
+      '<circle cx="8" cy="8" r="7" fill="' + colour + '"/></svg>';
+    var link = document.querySelector('link[rel="icon"]');
+    if (!link) {
+      link = document.createElement("link");
+      link.rel = "icon";
+      document.head.appendChild(link);
+    }
+    link.href = "data:image/svg+xml," + encodeURIComponent(svg);
+  }
+
+  var lastBadge = null;
+
+  function announce(state) {
+    if (lastBadge !== null && lastBadge !== state.badge_status) {
+      var out = field(document, "announce");
+      if (out) out.textContent = state.name + ": " + state.badge_label + ", " + state.step_label;
+      notifyIfWanted(state);
+    }
+    lastBadge = state.badge_status;
+  }
+
+  // Browser notifications, only for people who ask for them.
+  var NOTIFY_ON = ["completed", "failed", "waiting"];
+  var notifyButton = field(document, "notify");
+
+  function notifyIfWanted(state) {
+    if (!window.Notification || Notification.permission !== "granted") return;
+    if (NOTIFY_ON.indexOf(state.status) < 0) return;
+    new Notification(state.name + ": " + state.badge_label, { body: state.message || state.step_label });
+  }
+
+  if (notifyButton && window.Notification && Notification.permission !== "denied") {
+    notifyButton.hidden = Notification.permission === "granted";
+    notifyButton.addEventListener("click", function () {
+      Notification.requestPermission().then(function (answer) {
+        notifyButton.hidden = answer !== "default";
+      });
+    });
+  }
+
+  var current = null;
+
+  function applyState(state) {
+    current = state;
+    applyGate(state);
+    applyEstimate(state);
+    applyTab(state);
+    announce(state);
+  }
+
+  function applyPresence(frame) {
+    Object.keys(frame.watching).forEach(function (id) {
+      var root = page === "workflow" ? (id === workflowId ? document : null)
+        : listEl.querySelector('[data-workflow-id="' + CSS.escape(id) + '"]');
+      if (root) setText(root, "watching", frame.watching[id]);
+    });
   }
 
   function historyRow(event) {
@@ -241,6 +369,7 @@
       applySummary(document, frame);
       applySteps(frame.steps);
       if (frame.history) replaceHistory(frame.history);
+      applyState(frame);
       return;
     }
     if (frame.type !== "update" || frame.epoch !== epoch || frame.seq <= seq) return;
@@ -248,6 +377,7 @@
     applySummary(document, frame);
     applySteps(frame.steps);
     prependHistory({ seq: frame.seq, at: frame.timestamp, actor: frame.actor, summary: frame.summary });
+    applyState(frame);
   }
 
   // The list page: one item per workflow, newest activity first.
@@ -272,6 +402,8 @@
     if (Number(li.dataset.seq) >= state.seq && li.isConnected) return;
     li.dataset.seq = String(state.seq);
     setText(li, "name", state.name);
+    var bar = field(li, "progress");
+    if (bar) bar.setAttribute("aria-label", "Progress of " + state.name);
     applySummary(li, state);
     if (moveToTop || !li.isConnected) listEl.insertBefore(li, listEl.firstChild);
     var empty = field(document, "empty");
@@ -302,6 +434,7 @@
     }
     if (frame.now) clockOffsetMs = Date.parse(frame.now) - Date.now();
     if (frame.type === "heartbeat" || frame.type === "ready") return;
+    if (frame.type === "presence") return applyPresence(frame);
     if (page === "workflow") applyWorkflowFrame(frame);
     else applyListFrame(frame);
   }
@@ -362,7 +495,7 @@
     var handler = function (msg) {
       if (events === source) onFrame(msg.data);
     };
-    ["snapshot", "update", "ready", "heartbeat"].forEach(function (name) {
+    ["snapshot", "update", "ready", "heartbeat", "presence"].forEach(function (name) {
       source.addEventListener(name, handler);
     });
     source.onopen = function () {
@@ -460,6 +593,7 @@
   setInterval(function () {
     document.querySelectorAll('time[data-relative="yes"]').forEach(renderTime);
     renderDurations();
+    if (current) applyEstimate(current);
   }, 5000);
   // Without a socket URL (a private list), the page stays as it was served.
   if (body.dataset.socket) connect();

@@ -33,6 +33,8 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "port": 0,
         # Every test client connects from 127.0.0.1.
         "max_connections_per_address": 10_000,
+        # Presence frames come only where a test asks for them.
+        "presence_interval_s": 3600.0,
     }
     values.update(overrides)
     return Settings(**values)

@@ -40,7 +40,7 @@ async def frames_until(
         msg = await asyncio.wait_for(ws.receive(), 10)
         assert msg.type is aiohttp.WSMsgType.TEXT, msg
         frame = msg.json()
-        if frame["type"] not in ("heartbeat", "ready"):
+        if frame["type"] not in ("heartbeat", "ready", "presence"):
             frames.append(frame)
     return frames
 

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from .app_keys import AUTH, STORE
+from .app_keys import AUTH, HUB, STORE
 from .auth import ADMIN, CSRF_FIELD
 from .credentials import Scope, clean_scope
 from .errors import InvalidInput, TooManyRequests, VaporaError
@@ -96,7 +96,13 @@ async def render_admin(
     status: int = 200,
 ) -> web.Response:
     workflows = await request.app[STORE].list_workflows(200)
-    context = {"workflows": workflows, "errors": errors, "values": values}
+    hub = request.app[HUB]
+    context = {
+        "workflows": workflows,
+        "errors": errors,
+        "values": values,
+        "watching": {w.id: hub.subscribers(w.id) for w in workflows},
+    }
     return render(request, "admin.html", context, status=status)
 
 
@@ -112,6 +118,7 @@ async def create_workflow(request: web.Request) -> web.Response:
             form.get("steps", ""),
             ADMIN.actor,
             form.get("message", ""),
+            form.get("stall_after_s") or None,
         )
     except VaporaError as error:
         return await render_admin(
@@ -209,6 +216,13 @@ async def reset(store: Store, workflow_id: str, form: Any) -> Workflow:
     return await store.reset(workflow_id, ADMIN.actor, message_of(form))
 
 
+async def answer_gate(store: Store, workflow_id: str, form: Any) -> Workflow:
+    return await store.answer_gate(
+        workflow_id, form.get("decision"), ADMIN.actor, form.get("comment", "")
+    )
+
+
+workflow_form("gate", answer_gate)
 workflow_form("advance", advance)
 workflow_form("status", set_status)
 workflow_form("message", set_message)

@@ -58,7 +58,11 @@ async def create_workflow(request: web.Request) -> web.Response:
     body = await read_json(request)
 
     workflow = await request.app[STORE].create_workflow(
-        body.get("name"), body.get("steps"), actor, body.get("message", "")
+        body.get("name"),
+        body.get("steps"),
+        actor,
+        body.get("message", ""),
+        body.get("stall_after_s"),
     )
 
     response = workflow_response(workflow, status=201)
@@ -126,6 +130,20 @@ async def set_status(request: web.Request) -> web.Response:
         workflow = await store.reopen(workflow_id, actor, message, status)
     else:
         workflow = await store.set_status(workflow_id, status, actor, message)
+    return workflow_response(workflow)
+
+
+@routes.post("/api/workflows/{workflow_id}/gate")
+async def answer_gate(request: web.Request) -> web.Response:
+    """Approve or reject the waiting step with {decision, comment}; 400, 403, 409."""
+    auth = request.app[AUTH]
+    workflow_id = request.match_info["workflow_id"]
+    actor = await auth.require_gate(request, workflow_id)
+    body = await read_json(request)
+
+    workflow = await request.app[STORE].answer_gate(
+        workflow_id, body.get("decision"), actor, body.get("comment")
+    )
     return workflow_response(workflow)
 
 

@@ -28,6 +28,7 @@ from .model import utc_now
 from .settings import Settings
 from .stats import Stats
 from .store import Store
+from .timers import run_timers
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,11 @@ async def _store_and_hub(app: web.Application) -> AsyncIterator[None]:
     hub.epoch = store.epoch
     await app[AUTH].setup()
     settings = app[SETTINGS]
-    tasks = [asyncio.create_task(hub.run_heartbeats(settings.heartbeat_s))]
+    tasks = [
+        asyncio.create_task(hub.run_heartbeats(settings.heartbeat_s)),
+        asyncio.create_task(hub.run_presence(settings.presence_interval_s)),
+    ]
+    tasks.append(asyncio.create_task(run_timers(store, settings.timer_interval_s)))
     if settings.retention_days > 0:
         tasks.append(asyncio.create_task(prune_forever(store, settings)))
     yield

@@ -154,6 +154,19 @@ class Auth:
             raise Forbidden("Authorization", f"this token may not {what}")
         return principal.actor
 
+    async def require_gate(self, request: web.Request, workflow_id: str) -> str:
+        """Return the actor allowed to answer this workflow's gate; 401, 403, 404."""
+        principal = await self.principal(request)
+        if principal is None:
+            raise Unauthorized("Authorization", "answering a gate needs a token")
+        if principal.is_admin:
+            return principal.actor
+        gate = (await self.store.get_workflow(workflow_id)).open_gate
+        if gate is not None and principal.actor in gate.approvers:
+            if principal.can_publish(workflow_id) or principal.scope is Scope.READ:
+                return principal.actor
+        raise Forbidden("Authorization", "this token may not answer this gate")
+
     async def require_admin(self, request: web.Request) -> str:
         principal = await self.principal(request)
         if principal is None:

@@ -14,7 +14,7 @@ from .frames import Encoded, frame_text
 from .model import Workflow, utc_now
 from .store import Store
 
-HISTORY_IN_SNAPSHOT = 20
+HISTORY_IN_SNAPSHOT = 50  # as many as the page shows
 
 
 def workflow_json(workflow: Workflow, history: bool = True) -> str:

@@ -98,3 +98,9 @@ def heartbeat(now: str) -> Encoded:
     return Encoded(
         "heartbeat", None, frame_text("heartbeat", "", "{}", now=now).encode()
     )
+
+
+def presence_frame(watching: dict[str, int]) -> Encoded:
+    """How many watch each workflow now: not history, so it has no seq."""
+    text = json.dumps({"type": "presence", "watching": watching}, separators=(",", ":"))
+    return Encoded("presence", None, text.encode())

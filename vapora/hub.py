@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from typing import Protocol
 
-from .frames import Encoded, Outgoing, heartbeat
+from .frames import Encoded, Outgoing, heartbeat, presence_frame
 from .model import utc_now
 from .stats import Stats
 from .store import Change
@@ -29,8 +29,8 @@ class Subscriber(Protocol):
     def deliver(self, out: Outgoing) -> None:
         """Take one change without blocking; never raise."""
 
-    def heartbeat(self, beat: Encoded) -> None:
-        """Take the shared heartbeat frame without blocking; never raise."""
+    def notice(self, frame: Encoded) -> None:
+        """Take a passing frame (heartbeat, presence) without blocking; never raise."""
 
     async def close(self, code: int, reason: str) -> None:
         """Close the underlying connection with a close code."""
@@ -45,21 +45,26 @@ class Hub:
         self.epoch = ""
         self._groups: dict[str, set[Subscriber]] = {}
         self._everything: set[Subscriber] = set()
+        self._presence_dirty: set[str] = set()
+        self._presence_everything = False
 
     def subscribe(self, sub: Subscriber) -> None:
         if sub.workflow_id is None:
             self._everything.add(sub)
+            self._presence_everything = True
         else:
             self._groups.setdefault(sub.workflow_id, set()).add(sub)
+            self._presence_dirty.add(sub.workflow_id)
 
     def unsubscribe(self, sub: Subscriber) -> None:
         if sub.workflow_id is None:
             self._everything.discard(sub)
             return
         group = self._groups.get(sub.workflow_id)
-        if group is None:
+        if group is None or sub not in group:
             return
         group.discard(sub)
+        self._presence_dirty.add(sub.workflow_id)
         if not group:
             del self._groups[sub.workflow_id]
 
@@ -86,12 +91,39 @@ class Hub:
         """Send every subscriber a heartbeat, so clients can tell a dead link."""
         beat = heartbeat(utc_now())
         for group in (*self._groups.values(), self._everything):
-            for sub in tuple(group):
-                try:
-                    sub.heartbeat(beat)
-                except Exception:
-                    logger.exception("Dropping a subscriber that failed a heartbeat")
-                    self.unsubscribe(sub)
+            self._notify(group, beat)
+
+    def _notify(self, group: set[Subscriber], frame: Encoded) -> None:
+        for sub in tuple(group):
+            try:
+                sub.notice(frame)
+            except Exception:
+                logger.exception("Dropping a subscriber that failed a notice")
+                self.unsubscribe(sub)
+
+    def flush_presence(self) -> None:
+        """Tell each changed workflow's watchers, and the list pages, who watches.
+
+        Joins and leaves only mark a workflow; this runs on a timer, so a
+        thousand sockets arriving at once cost one frame each, not a million.
+        """
+        dirty, self._presence_dirty = self._presence_dirty, set()
+        everything, self._presence_everything = self._presence_everything, False
+        counts: dict[str, int] = {}
+        for workflow_id in dirty:
+            group = self._groups.get(workflow_id)
+            counts[workflow_id] = len(group) if group else 0
+            if group:
+                self._notify(group, presence_frame({workflow_id: len(group)}))
+        if everything:
+            counts = {w: len(g) for w, g in self._groups.items()}
+        if counts and self._everything:
+            self._notify(self._everything, presence_frame(counts))
+
+    async def run_presence(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.flush_presence()
 
     async def run_heartbeats(self, interval_s: float) -> None:
         while True:

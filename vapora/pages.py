@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 
 from .api import readable_workflows
-from .app_keys import AUTH, STORE
+from .app_keys import AUTH, HUB, STORE
 from .credentials import Scope
 from .errors import NotFound
-from .model import Step
+from .model import Step, StepState, Workflow
 
 routes = web.RouteTableDef()
 
@@ -26,7 +27,13 @@ async def index(request: web.Request) -> dict[str, Any]:
     store = request.app[STORE]
     workflows = await readable_workflows(request, 100)
     everything = await request.app[AUTH].reads_everything(request)
-    return {"workflows": workflows, "epoch": store.epoch, "live_list": everything}
+    hub = request.app[HUB]
+    return {
+        "workflows": workflows,
+        "epoch": store.epoch,
+        "live_list": everything,
+        "watching": {w.id: hub.subscribers(w.id) for w in workflows},
+    }
 
 
 @routes.get("/workflows/{workflow_id}", name="workflow")
@@ -38,7 +45,14 @@ async def workflow_page(request: web.Request) -> dict[str, Any]:
     workflow = await store.get_workflow(
         request.match_info["workflow_id"], history=HISTORY_ON_PAGE
     )
-    return {"workflow": workflow, "epoch": store.epoch}
+    medians = await store.step_medians(workflow.name)
+    return {
+        "workflow": workflow,
+        "epoch": store.epoch,
+        "watching": request.app[HUB].subscribers(workflow.id),
+        "medians": medians,
+        "finish_at": estimate_finish(workflow, medians),
+    }
 
 
 @routes.get("/share/{secret}", name="share")
@@ -56,6 +70,24 @@ async def open_share_link(request: web.Request) -> web.Response:
     secret = request.match_info["secret"]
     auth.remember_share(request, response, token.workflow_id, secret)
     raise response
+
+
+def estimate_finish(workflow: Workflow, medians: dict[str, float]) -> str | None:
+    """Guess when the workflow ends, from how long its steps usually take."""
+    if workflow.status.is_final or not medians:
+        return None
+    now = datetime.now(UTC)
+    remaining = 0.0
+    for index, step in enumerate(workflow.steps, start=1):
+        usual = medians.get(step.name)
+        if usual is None:
+            return None
+        if step.state is StepState.RUNNING and step.started_at:
+            elapsed = (now - datetime.fromisoformat(step.started_at)).total_seconds()
+            remaining += max(0.0, usual - elapsed)
+        elif step.state is StepState.PENDING or index > workflow.current_step:
+            remaining += usual
+    return (now + timedelta(seconds=remaining)).isoformat(timespec="milliseconds")
 
 
 def step_duration(step: Step) -> str:
@@ -88,7 +120,19 @@ def utc_text(iso: str | None) -> str:
     return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-TEMPLATE_FILTERS = {
+def gate_note(step: Step) -> str:
+    """Describe a step's gate: who may answer, or what they answered."""
+    gate = step.gate
+    if gate is None:
+        return ""
+    if gate.decision is None:
+        return f"needs approval from {gate.who}"
+    return f"{gate.decision} by {gate.decided_by}: {gate.comment}"
+
+
+TEMPLATE_FILTERS: dict[str, Callable[..., str]] = {
+    "gate_note": gate_note,
+    "seconds": lambda s: format_seconds(int(s)),
     "duration": step_duration,
     "utc_text": utc_text,
 }

@@ -80,6 +80,12 @@ class Settings:
         unit="days",
     )
     prune_interval_s: float = setting(3600.0, "time between retention passes", unit="s")
+    presence_interval_s: float = setting(
+        1.0, "most often the count of watchers is sent to a page", unit="s"
+    )
+    timer_interval_s: float = setting(
+        1.0, "time between checks for gate timeouts and stalled workflows", unit="s"
+    )
     shutdown_timeout_s: float = setting(
         3.0, "time given to open requests on shutdown", unit="s"
     )

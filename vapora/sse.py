@@ -61,9 +61,9 @@ class SseSubscriber(Subscriber):
     def send_own(self, frame: Encoded) -> None:
         self._put(frame.sse)
 
-    def send_heartbeat(self, beat: Encoded) -> None:
+    def send_notice(self, frame: Encoded) -> None:
         if self._queued_bytes <= self.settings.max_queue_bytes:
-            self._put(beat.sse)
+            self._put(frame.sse)
 
     async def drained(self) -> None:
         await self._drained.wait()

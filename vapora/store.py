@@ -12,9 +12,11 @@ import hashlib
 import json
 import logging
 import secrets
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE workflows ADD COLUMN stalled INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE workflows ADD COLUMN stall_at TEXT;
     ALTER TABLE workflows ADD COLUMN gate_deadline TEXT;
+    ALTER TABLE workflows ADD COLUMN activity INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX workflows_by_recent_activity ON workflows (activity DESC);
     CREATE INDEX workflows_by_stall ON workflows (stall_at) WHERE stall_at IS NOT NULL;
     CREATE INDEX workflows_by_gate ON workflows (gate_deadline)
         WHERE gate_deadline IS NOT NULL;
@@ -114,6 +118,9 @@ MIGRATIONS: list[str] = [
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# Orders the list by the latest change, without ties between equal times.
+NEXT_ACTIVITY = "(SELECT coalesce(max(activity), 0) + 1 FROM workflows)"
 
 
 @dataclass(slots=True, frozen=True)
@@ -286,7 +293,7 @@ class Store:
         """Return workflows, newest activity first; only those ids, if given."""
         if only is None:
             rows = await self.fetch_all(
-                "SELECT * FROM workflows ORDER BY updated_at DESC, id LIMIT ?", (limit,)
+                "SELECT * FROM workflows ORDER BY activity DESC LIMIT ?", (limit,)
             )
         elif not only:
             rows = []
@@ -295,10 +302,31 @@ class Store:
             marks = ",".join("?" * len(ids))
             rows = await self.fetch_all(
                 f"SELECT * FROM workflows WHERE id IN ({marks}) "
-                "ORDER BY updated_at DESC, id LIMIT ?",
+                "ORDER BY activity DESC LIMIT ?",
                 (*ids, limit),
             )
         return [_workflow_from_row(row) for row in rows]
+
+    async def step_medians(self, name: str, runs: int = 20) -> dict[str, float]:
+        """Return how long each step usually takes, from the last completed runs."""
+        rows = await self.fetch_all(
+            "SELECT steps FROM workflows WHERE name = ? AND status = 'completed' "
+            "ORDER BY updated_at DESC LIMIT ?",
+            (name, runs),
+        )
+        durations: dict[str, list[float]] = {}
+        for (steps_json,) in rows:
+            for step in json.loads(steps_json):
+                if (
+                    step["state"] == "done"
+                    and step["started_at"]
+                    and step["finished_at"]
+                ):
+                    took = datetime.fromisoformat(
+                        step["finished_at"]
+                    ) - datetime.fromisoformat(step["started_at"])
+                    durations.setdefault(step["name"], []).append(took.total_seconds())
+        return {name: statistics.median(d) for name, d in durations.items()}
 
     async def history(self, workflow_id: str, limit: int) -> list[Event]:
         """Return the newest events of a workflow, newest first."""
@@ -424,6 +452,22 @@ class Store:
         except (RuleViolation, NotFound):
             return None
 
+    async def expire_gate(self, workflow_id: str) -> Workflow | None:
+        """Let a gate's timeout decide it; None if it was answered in time."""
+
+        def rule(wf: Workflow, now: str) -> str:
+            gate = wf.open_gate
+            deadline = wf.gate_deadline
+            if gate is None or deadline is None or deadline > now:
+                raise RuleViolation("gate", "the gate is not overdue")
+            comment = f"no answer within {gate.timeout_s:g} s"
+            return wf.answer_gate(gate.on_timeout, "timeout", comment, now)
+
+        try:
+            return await self._change(workflow_id, "timeout", None, rule)
+        except (RuleViolation, NotFound):
+            return None
+
     async def due(self, now: str) -> tuple[list[str], list[str]]:
         """Return the ids of workflows whose gate timed out, and of overdue ones."""
         gates = await self.fetch_all(
@@ -516,16 +560,17 @@ class Store:
                 await db.execute(
                     "INSERT INTO workflows (name, status, current_step, steps, "
                     "message, created_at, updated_at, seq, stall_after_s, stalled, "
-                    "stall_at, gate_deadline, id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "stall_at, gate_deadline, id, activity) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                    f"{NEXT_ACTIVITY})",
                     (*row, wf.id),
                 )
             else:
                 cursor = await db.execute(
                     "UPDATE workflows SET name = ?, status = ?, current_step = ?, "
                     "steps = ?, message = ?, created_at = ?, updated_at = ?, seq = ?, "
-                    "stall_after_s = ?, stalled = ?, stall_at = ?, gate_deadline = ? "
-                    "WHERE id = ? AND seq = ?",
+                    "stall_after_s = ?, stalled = ?, stall_at = ?, gate_deadline = ?, "
+                    f"activity = {NEXT_ACTIVITY} WHERE id = ? AND seq = ?",
                     (*row, wf.id, wf.seq - 1),
                 )
                 if cursor.rowcount != 1:

@@ -37,6 +37,7 @@ class Subscriber:
         "_backlog",
         "_lagging",
         "_recovery",
+        "_notice",
     )
 
     transport_name = "subscriber"
@@ -57,6 +58,7 @@ class Subscriber:
         self._backlog: list[Outgoing] | None = []
         self._lagging = False
         self._recovery: asyncio.Task[None] | None = None
+        self._notice: Encoded | None = None
 
     # -- what a transport provides ---------------------------------------------
 
@@ -68,8 +70,8 @@ class Subscriber:
         """Queue one frame made for this subscriber alone (snapshots, catch-up)."""
         raise NotImplementedError
 
-    def send_heartbeat(self, beat: Encoded) -> None:
-        """Queue the shared heartbeat frame, unless the connection is full."""
+    def send_notice(self, frame: Encoded) -> None:
+        """Queue a passing frame (heartbeat, presence) unless the link is full."""
         raise NotImplementedError
 
     async def drained(self) -> None:
@@ -110,9 +112,16 @@ class Subscriber:
         if self.workflow_id is not None:
             self.last_seq = seq
 
-    def heartbeat(self, beat: Encoded) -> None:
-        if not self._lagging and not self.closing:
-            self.send_heartbeat(beat)
+    def notice(self, frame: Encoded) -> None:
+        """Take a frame that is not part of the history; dropped when behind."""
+        if self._lagging or self.closing:
+            return
+        if self._backlog is not None:
+            # Nothing may come before the catch-up; the latest presence waits.
+            if frame.event == "presence":
+                self._notice = frame
+            return
+        self.send_notice(frame)
 
     async def open(
         self, reason: str, after: int | None = None, epoch: str | None = None
@@ -144,6 +153,9 @@ class Subscriber:
         # Says the catch-up is over, even when there was nothing to catch up on,
         # so a client knows at once that its link works.
         self.send_own(ready_frame(self.store.epoch, self.last_seq))
+        if self._notice is not None:
+            self.send_notice(self._notice)
+            self._notice = None
         backlog, self._backlog = self._backlog or [], None
         for out in backlog:
             self.deliver(out)

@@ -50,9 +50,9 @@ class WsSubscriber(Subscriber):
     def send_own(self, frame: Encoded) -> None:
         self.transport.write(frame.ws)
 
-    def send_heartbeat(self, beat: Encoded) -> None:
+    def send_notice(self, frame: Encoded) -> None:
         if not self.protocol.writing_paused:
-            self.transport.write(beat.ws)
+            self.transport.write(frame.ws)
 
     async def drained(self) -> None:
         while self.protocol.writing_paused and not self.transport.is_closing():
