@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .app_keys import AUTH, STORE
+from .app_keys import AUTH, STORE, WEBHOOKS
 from .catchup import workflow_json
 from .credentials import Token, clean_scope
 from .errors import InvalidInput
@@ -235,3 +235,35 @@ def token_json(token: Token) -> dict[str, Any]:
         "workflow_id": token.workflow_id,
         "created_at": token.created_at,
     }
+
+
+@routes.post("/api/webhooks")
+async def create_webhook(request: web.Request) -> web.Response:
+    """Add a webhook from {url, events?}; answers its secret once; admin; 400."""
+    await request.app[AUTH].require_admin(request)
+    body = await read_json(request)
+
+    hook = await request.app[WEBHOOKS].create(body.get("url"), body.get("events"))
+
+    return web.json_response(dict(hook.as_json(), secret=hook.secret), status=201)
+
+
+@routes.get("/api/webhooks")
+async def list_webhooks(request: web.Request) -> web.Response:
+    """List webhooks and their latest deliveries; admin only."""
+    await request.app[AUTH].require_admin(request)
+    webhooks = request.app[WEBHOOKS]
+    return web.json_response(
+        {
+            "webhooks": [h.as_json() for h in webhooks.all()],
+            "deliveries": await webhooks.deliveries(),
+        }
+    )
+
+
+@routes.delete("/api/webhooks/{webhook_id}")
+async def delete_webhook(request: web.Request) -> web.Response:
+    """Remove a webhook; admin only; 404 if there is none with that id."""
+    await request.app[AUTH].require_admin(request)
+    await request.app[WEBHOOKS].delete(request.match_info["webhook_id"])
+    return web.Response(status=204)

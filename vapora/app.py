@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import admin, api, metrics, pages, sse, ws
 from .admission import OPEN_CONNECTIONS
-from .app_keys import AUTH, HUB, SETTINGS, STATS, STORE
+from .app_keys import AUTH, HUB, SETTINGS, STATS, STORE, WEBHOOKS
 from .auth import Auth, csrf_cookie_middleware
 from .hub import Hub
 from .middleware import (
@@ -29,6 +29,7 @@ from .settings import Settings
 from .stats import Stats
 from .store import Store
 from .timers import run_timers
+from .webhooks import Webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ def create_app(settings: Settings) -> web.Application:
     hub = Hub(stats)
     store.add_listener(hub.publish)
     app[HUB] = hub
+    webhooks = Webhooks(store, settings)
+    store.add_listener(webhooks.on_change)
+    app[WEBHOOKS] = webhooks
     app[STATS] = stats
     app[metrics.REGISTRY] = metrics.make_registry(hub, stats)
 
@@ -130,6 +134,7 @@ def create_app(settings: Settings) -> web.Application:
     root[AUTH] = app[AUTH]
     root[HUB] = hub
     root[STATS] = stats
+    root[WEBHOOKS] = webhooks
     return root
 
 
@@ -139,6 +144,7 @@ async def _store_and_hub(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB]
     hub.epoch = store.epoch
     await app[AUTH].setup()
+    await app[WEBHOOKS].start()
     settings = app[SETTINGS]
     tasks = [
         asyncio.create_task(hub.run_heartbeats(settings.heartbeat_s)),
@@ -151,6 +157,7 @@ async def _store_and_hub(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await app[WEBHOOKS].stop()
     await store.close()
 
 

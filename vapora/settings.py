@@ -86,6 +86,13 @@ class Settings:
     timer_interval_s: float = setting(
         1.0, "time between checks for gate timeouts and stalled workflows", unit="s"
     )
+    webhook_timeout_s: float = setting(
+        5.0, "time a webhook endpoint has to answer one delivery", unit="s"
+    )
+    webhook_attempts: int = setting(5, "attempts per webhook delivery before giving up")
+    webhook_retry_base_s: float = setting(
+        1.0, "wait before the first retry; doubled after each", unit="s"
+    )
     shutdown_timeout_s: float = setting(
         3.0, "time given to open requests on shutdown", unit="s"
     )

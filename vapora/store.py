@@ -612,6 +612,7 @@ class Store:
             "ON w.id = e.workflow_id WHERE e.at < ? AND e.seq < w.seq LIMIT ?)",
             (older_than, batch),
         )
+        await self.execute("DELETE FROM webhook_deliveries WHERE at < ?", (older_than,))
         return workflows, events
 
     async def _prune_batches(self, sql: str, params: tuple[Any, ...]) -> int:
