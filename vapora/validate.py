@@ -43,7 +43,7 @@ def clean_text(value: Any, field_name: str, max_chars: int, required: bool) -> s
 def clean_steps(value: Any) -> list[Step]:
     """Check the steps: names, or objects with a name and an optional gate.
 
-    A text gives one step a line; a line ending in [gate] waits for a person.
+    A text gives one step a line. A name ending in [gate] waits for a person.
     """
     if isinstance(value, str):
         value = [_step_from_line(line) for line in value.splitlines() if line.strip()]
@@ -64,6 +64,8 @@ def _step_from_line(line: str) -> Any:
 
 
 def _clean_step(item: Any) -> Step:
+    if isinstance(item, str):
+        item = _step_from_line(item)
     if not isinstance(item, dict):
         return Step(_step_name(item))
     unknown = set(item) - {"name", "gate"}
