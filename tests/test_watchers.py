@@ -18,6 +18,7 @@ from vapora.app_keys import STORE
 from vapora.timers import fire_due
 
 from .conftest import AUTH, create_workflow
+from .test_admin import csrf_from, sign_in
 from .test_security import bearer, make_token
 from .test_ws import advance, frames_until
 
@@ -478,3 +479,35 @@ async def test_only_admins_manage_webhooks(client: TestClient[Any, Any]) -> None
     )
 
     assert response.status == 403
+
+
+async def test_admin_page_adds_lists_and_removes_webhooks(
+    client: TestClient[Any, Any],
+) -> None:
+    await sign_in(client)
+    csrf = await csrf_from(client, "/admin/webhooks")
+
+    made = await client.post(
+        "/admin/webhooks",
+        data={"csrf_token": csrf, "url": "http://127.0.0.1:9/hook", "events": "failed"},
+    )
+    html = await made.text()
+    refused = await client.post(
+        "/admin/webhooks", data={"csrf_token": csrf, "url": "gopher://x"}
+    )
+    listed = await (await client.get("/api/webhooks", headers=AUTH)).json()
+    hook = listed["webhooks"][0]
+    removed = await client.post(
+        f"/admin/webhooks/{hook['id']}/delete",
+        data={"csrf_token": csrf},
+        allow_redirects=False,
+    )
+
+    assert made.status == 201
+    assert 'data-field="new-secret">whsec_' in html
+    assert hook["events"] == ["failed"]
+    assert refused.status == 400
+    assert "http or https" in await refused.text()
+    assert removed.status == 303
+    listing = await (await client.get("/api/webhooks", headers=AUTH)).json()
+    assert listing["webhooks"] == []

@@ -8,13 +8,14 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from .app_keys import AUTH, HUB, STORE
+from .app_keys import AUTH, HUB, STORE, WEBHOOKS
 from .auth import ADMIN, CSRF_FIELD
 from .credentials import Scope, clean_scope
 from .errors import InvalidInput, TooManyRequests, VaporaError
 from .model import Status, Workflow
 from .store import Store
 from .validate import clean_status
+from .webhooks import EVENTS
 
 routes = web.RouteTableDef()
 
@@ -304,3 +305,57 @@ async def revoke_token(request: web.Request) -> web.Response:
     if not back.startswith(str(request.app.router["admin"].url_for())):
         back = str(request.app.router["admin_tokens"].url_for())
     raise web.HTTPSeeOther(back)
+
+
+@routes.get("/admin/webhooks", name="admin_webhooks")
+async def webhooks_page(request: web.Request) -> web.Response:
+    """List webhooks and their latest deliveries, with the form to add one."""
+    await require_admin(request)
+    return await render_webhooks(request, {}, {})
+
+
+async def render_webhooks(
+    request: web.Request,
+    errors: dict[str, str],
+    values: dict[str, str],
+    status: int = 200,
+    new_secret: str | None = None,
+) -> web.Response:
+    webhooks = request.app[WEBHOOKS]
+    context = {
+        "webhooks": webhooks.all(),
+        "deliveries": await webhooks.deliveries(),
+        "events": EVENTS,
+        "errors": errors,
+        "values": values,
+        "new_secret": new_secret,
+    }
+    return render(request, "admin_webhooks.html", context, status=status)
+
+
+@routes.post("/admin/webhooks", name="admin_create_webhook")
+async def create_webhook(request: web.Request) -> web.Response:
+    """Add a webhook and show its signing secret once; 400 re-renders the form."""
+    await require_admin(request)
+    form = await read_form(request)
+    post = await request.post()
+    events = [e for e in post.getall("events", []) if isinstance(e, str)] or None
+
+    try:
+        hook = await request.app[WEBHOOKS].create(form.get("url"), events)
+    except VaporaError as error:
+        errors = {error.field or "url": error.message}
+        return await render_webhooks(request, errors, form, status=error.status)
+
+    return await render_webhooks(request, {}, {}, status=201, new_secret=hook.secret)
+
+
+@routes.post("/admin/webhooks/{webhook_id}/delete", name="admin_delete_webhook")
+async def delete_webhook(request: web.Request) -> web.Response:
+    """Remove a webhook, then show the list again; 403, 404."""
+    await require_admin(request)
+    await read_form(request)
+
+    await request.app[WEBHOOKS].delete(request.match_info["webhook_id"])
+
+    raise web.HTTPSeeOther(request.app.router["admin_webhooks"].url_for())
