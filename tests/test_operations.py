@@ -18,8 +18,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from vapora.schema import MIGRATIONS, SCHEMA_VERSION
 from vapora.settings import Settings
-from vapora.store import MIGRATIONS, SCHEMA_VERSION, Store
+from vapora.store import Store
 
 from .conftest import ADMIN_TOKEN, AUTH, ServerProcess, create_workflow
 from .test_admin import CSRF
@@ -265,7 +266,7 @@ async def test_database_stops_growing_under_steady_load_with_retention(
                 await store.advance(wf.id, "bot", f"step {i} " + "x" * 200)
             await store.advance(wf.id, "bot")
         await store.prune(ago(seconds=-1))
-        await store.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        await store.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         sizes.append((tmp_path / "steady.db").stat().st_size)
     await store.close()
     print(f"\ndatabase size after each round: {sizes}")

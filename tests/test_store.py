@@ -10,7 +10,8 @@ import pytest
 
 from vapora.errors import InvalidInput, NotFound, RuleViolation
 from vapora.model import Status, StepState
-from vapora.store import SCHEMA_VERSION, Change, Store
+from vapora.schema import SCHEMA_VERSION
+from vapora.store import Change, Store
 
 
 async def test_new_workflow_starts_pending_at_step_zero(store: Store) -> None:

@@ -275,9 +275,9 @@ class Auth:
 async def csrf_cookie_middleware(
     request: web.Request, handler: Handler
 ) -> web.StreamResponse:
-    """Give each browser a random CSRF seed cookie on its first request."""
+    """Give each browser a random CSRF seed cookie on its first page."""
     new_seed = None
-    if CSRF_COOKIE not in request.cookies:
+    if CSRF_COOKIE not in request.cookies and request.method == "GET":
         new_seed = secrets.token_urlsafe(24)
         request[NEW_CSRF_SEED] = new_seed
     response = await handler(request)

@@ -12,16 +12,20 @@ import hashlib
 import json
 import logging
 import secrets
+import sqlite3
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from queue import SimpleQueue
+from typing import Any, TypeVar
 
 import aiosqlite
 
+from . import schema
 from .errors import NotFound, RuleViolation
 from .model import (
     MAX_MESSAGE_CHARS,
@@ -33,94 +37,13 @@ from .model import (
     summarize,
     utc_now,
 )
+from .schema import NEXT_ACTIVITY
 from .stats import Stats
 from .validate import clean_decision, clean_stall_after, clean_steps, clean_text
 
 logger = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
-
-# Each entry upgrades the schema by one version; PRAGMA user_version records how
-# far a file has come. Never edit a released entry: append a new one.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE workflows (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        status TEXT NOT NULL,
-        current_step INTEGER NOT NULL,
-        steps TEXT NOT NULL,
-        message TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        seq INTEGER NOT NULL
-    );
-    CREATE INDEX workflows_by_activity ON workflows (updated_at DESC);
-    CREATE TABLE events (
-        workflow_id TEXT NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,
-        seq INTEGER NOT NULL,
-        kind TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        at TEXT NOT NULL,
-        summary TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        PRIMARY KEY (workflow_id, seq)
-    ) WITHOUT ROWID;
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE sessions (
-        token_hash TEXT PRIMARY KEY,
-        created_at TEXT NOT NULL,
-        expires_at TEXT NOT NULL
-    );
-    """,
-    """
-    CREATE TABLE tokens (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        scope TEXT NOT NULL,
-        workflow_id TEXT REFERENCES workflows (id) ON DELETE CASCADE,
-        token_hash TEXT NOT NULL UNIQUE,
-        created_at TEXT NOT NULL,
-        revoked_at TEXT
-    );
-    CREATE UNIQUE INDEX tokens_live_name ON tokens (name) WHERE revoked_at IS NULL;
-    CREATE INDEX events_by_time ON events (at);
-    """,
-    """
-    ALTER TABLE workflows ADD COLUMN stall_after_s REAL;
-    ALTER TABLE workflows ADD COLUMN stalled INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE workflows ADD COLUMN stall_at TEXT;
-    ALTER TABLE workflows ADD COLUMN gate_deadline TEXT;
-    ALTER TABLE workflows ADD COLUMN activity INTEGER NOT NULL DEFAULT 0;
-    CREATE INDEX workflows_by_recent_activity ON workflows (activity DESC);
-    CREATE INDEX workflows_by_stall ON workflows (stall_at) WHERE stall_at IS NOT NULL;
-    CREATE INDEX workflows_by_gate ON workflows (gate_deadline)
-        WHERE gate_deadline IS NOT NULL;
-    CREATE TABLE webhooks (
-        id TEXT PRIMARY KEY,
-        url TEXT NOT NULL,
-        secret TEXT NOT NULL,
-        events TEXT NOT NULL,
-        created_at TEXT NOT NULL
-    );
-    CREATE TABLE webhook_deliveries (
-        id INTEGER PRIMARY KEY,
-        webhook_id TEXT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
-        workflow_id TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        event TEXT NOT NULL,
-        attempts INTEGER NOT NULL,
-        outcome TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        at TEXT NOT NULL
-    );
-    CREATE INDEX deliveries_by_time ON webhook_deliveries (at);
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-# Orders the list by the latest change, without ties between equal times.
-NEXT_ACTIVITY = "(SELECT coalesce(max(activity), 0) + 1 FROM workflows)"
 
 
 @dataclass(slots=True, frozen=True)
@@ -137,6 +60,7 @@ class Change:
 
 
 Listener = Callable[[Change], None]
+T = TypeVar("T")
 
 
 def new_workflow_id() -> str:
@@ -148,14 +72,63 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+class WriterThread:
+    """One thread that runs the store's writes, in order, for the event loop."""
+
+    def __init__(self) -> None:
+        self._jobs: SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None]
+        self._jobs = SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, name="vapora-writer", daemon=True
+        )
+        self._thread.start()
+
+    async def run(self, work: Callable[[], T]) -> T:
+        """Run work on the thread; return its result or raise its exception."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((work, future))
+        return await future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            work, future = job
+            try:
+                result, error = work(), None
+            except BaseException as exc:  # handed to the awaiting coroutine
+                result, error = None, exc
+            future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(
+    future: asyncio.Future[Any], result: Any, error: BaseException | None
+) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class Store:
-    """Workflows in one SQLite file, with a writer and a reader connection."""
+    """Workflows in one SQLite file.
+
+    Writes run on one thread of their own, each change as a single call that
+    holds the whole transaction: read, check the rules, write, commit. Reads
+    go through an aiosqlite connection beside it, which WAL lets see the last
+    commit without waiting for the writer.
+    """
 
     def __init__(self, path: str | Path, stats: Stats | None = None) -> None:
         self.path = str(path)
         self.stats = stats or Stats()
         self.epoch = ""
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._write_thread: WriterThread | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
         self._listeners: list[Listener] = []
@@ -164,60 +137,38 @@ class Store:
 
     async def open(self) -> None:
         """Open the file, creating or migrating its schema."""
-        self._writer = await self._connect()
-        await self._writer.execute("PRAGMA journal_mode = WAL")
-        await self._migrate(self._writer)
-        self._reader = await self._connect()
+        self._write_thread = WriterThread()
+        self._writer = await self._in_writer(self._connect_writer)
+        await self._in_writer(lambda: schema.migrate(self.writer, self.path))
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        self._reader.row_factory = aiosqlite.Row
+        await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self.epoch = await self._ensure_meta("epoch", lambda: secrets.token_hex(8))
 
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
+        if self._reader is not None:
+            await self._reader.close()
+        if self._writer is not None:
+            await self._in_writer(self._writer.close)
+        if self._write_thread is not None:
+            self._write_thread.stop()
+        self._reader = self._writer = self._write_thread = None
 
-    async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        conn.row_factory = aiosqlite.Row
-        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        await conn.execute("PRAGMA foreign_keys = ON")
-        # WAL with NORMAL survives a killed process; only a power cut can take
-        # the last transactions.
-        await conn.execute("PRAGMA synchronous = NORMAL")
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        schema.configure(conn, BUSY_TIMEOUT_MS)
         return conn
 
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        version = await self._user_version(conn)
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} has schema version {version}, newer than this "
-                f"Vapora understands ({SCHEMA_VERSION}); upgrade Vapora"
-            )
-        if version == 0:
-            logger.info("Creating %s (schema version %d)", self.path, SCHEMA_VERSION)
-        for number in range(version, SCHEMA_VERSION):
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        await conn.execute(statement)
-                await conn.execute(f"PRAGMA user_version = {number + 1}")
-                await conn.execute("COMMIT")
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
-            if version > 0:
-                logger.info("Migrated %s to schema version %d", self.path, number + 1)
-
-    @staticmethod
-    async def _user_version(conn: aiosqlite.Connection) -> int:
-        async with conn.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
-        assert row is not None
-        return int(row[0])
+    async def _in_writer(self, work: Callable[[], T]) -> T:
+        """Run work on the writer's thread and wait for it."""
+        if self._write_thread is None:
+            raise RuntimeError("store is not open")
+        return await self._write_thread.run(work)
 
     @property
-    def writer(self) -> aiosqlite.Connection:
+    def writer(self) -> sqlite3.Connection:
+        """The writer's connection: use it only on the writer's thread."""
         if self._writer is None:
             raise RuntimeError("store is not open")
         return self._writer
@@ -237,8 +188,9 @@ class Store:
     async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         """Run one write statement in its own transaction; return the rows changed."""
         async with self._write_lock:
-            cursor = await self.writer.execute(sql, params)
-            return int(cursor.rowcount)
+            return await self._in_writer(
+                lambda: int(self.writer.execute(sql, params).rowcount)
+            )
 
     async def fetch_all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         """Run one query to its end in a single call, and return its rows.
@@ -377,8 +329,12 @@ class Store:
             stall_after_s=stall_after,
         )
         async with self._write_lock:
-            change = await self._commit(
-                workflow, "created", actor, now, True, None, new=True
+            change = await self._in_writer(
+                lambda: self._transaction(
+                    lambda: self._write(
+                        workflow, "created", actor, True, None, new=True
+                    )
+                )
             )
             self._notify(change)
         return workflow
@@ -496,13 +452,11 @@ class Store:
     ) -> Workflow:
         if message is not None:
             message = clean_text(message, "message", MAX_MESSAGE_CHARS, required=False)
-        async with self._write_lock:
-            rows = list(
-                await self.writer.execute_fetchall(
-                    "SELECT * FROM workflows WHERE id = ?", (workflow_id,)
-                )
-            )
-            row = rows[0] if rows else None
+
+        def change() -> tuple[Workflow, Change]:
+            row = self.writer.execute(
+                "SELECT * FROM workflows WHERE id = ?", (workflow_id,)
+            ).fetchone()
             if row is None:
                 raise NotFound("workflow_id", f"no workflow with id {workflow_id!r}")
             workflow = _workflow_from_row(row)
@@ -516,80 +470,89 @@ class Store:
                 workflow.message = message
             workflow.updated_at = now
             workflow.seq += 1
-            change = await self._commit(
-                workflow, kind, actor, now, message_changed, previous
+            return workflow, self._write(
+                workflow, kind, actor, message_changed, previous
             )
-            self._notify(change)
+
+        async with self._write_lock:
+            workflow, committed = await self._in_writer(
+                lambda: self._transaction(change)
+            )
+            self._notify(committed)
         return workflow
 
-    async def _commit(
+    def _transaction(self, work: Callable[[], T]) -> T:
+        """On the writer's thread: run work in one IMMEDIATE transaction."""
+        started = time.monotonic()
+        self.writer.execute("BEGIN IMMEDIATE")
+        try:
+            result = work()
+            self.writer.execute("COMMIT")
+        except BaseException:
+            self.writer.execute("ROLLBACK")
+            raise
+        self.stats.store_write_seconds.observe(time.monotonic() - started)
+        return result
+
+    def _write(
         self,
         wf: Workflow,
         kind: str,
         actor: str,
-        now: str,
         message_changed: bool,
         previous: Status | None,
         new: bool = False,
     ) -> Change:
+        """On the writer's thread, in a transaction: save wf and its event."""
         summary = summarize(kind, wf, message_changed)
         payload = dict(wf.state(), kind=kind, actor=actor, summary=summary)
         payload_json = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
         steps_json = json.dumps(
             [s.as_dict() for s in wf.steps], ensure_ascii=False, separators=(",", ":")
         )
-        db = self.writer
-        started = time.monotonic()
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            row = (
-                wf.name,
-                wf.status.value,
-                wf.current_step,
-                steps_json,
-                wf.message,
-                wf.created_at,
-                wf.updated_at,
-                wf.seq,
-                wf.stall_after_s,
-                int(wf.stalled),
-                wf.stall_at,
-                wf.gate_deadline,
+        row = (
+            wf.name,
+            wf.status.value,
+            wf.current_step,
+            steps_json,
+            wf.message,
+            wf.created_at,
+            wf.updated_at,
+            wf.seq,
+            wf.stall_after_s,
+            int(wf.stalled),
+            wf.stall_at,
+            wf.gate_deadline,
+        )
+        if new:
+            self.writer.execute(
+                "INSERT INTO workflows (name, status, current_step, steps, "
+                "message, created_at, updated_at, seq, stall_after_s, stalled, "
+                "stall_at, gate_deadline, id, activity) "
+                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {NEXT_ACTIVITY})",
+                (*row, wf.id),
             )
-            if new:
-                await db.execute(
-                    "INSERT INTO workflows (name, status, current_step, steps, "
-                    "message, created_at, updated_at, seq, stall_after_s, stalled, "
-                    "stall_at, gate_deadline, id, activity) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                    f"{NEXT_ACTIVITY})",
-                    (*row, wf.id),
-                )
-            else:
-                cursor = await db.execute(
-                    "UPDATE workflows SET name = ?, status = ?, current_step = ?, "
-                    "steps = ?, message = ?, created_at = ?, updated_at = ?, seq = ?, "
-                    "stall_after_s = ?, stalled = ?, stall_at = ?, gate_deadline = ?, "
-                    f"activity = {NEXT_ACTIVITY} WHERE id = ? AND seq = ?",
-                    (*row, wf.id, wf.seq - 1),
-                )
-                if cursor.rowcount != 1:
-                    raise RuleViolation(
-                        "seq", f"workflow {wf.id} changed under this write; retry it"
-                    )
-            await db.execute(
-                "INSERT INTO events (workflow_id, seq, kind, actor, at, summary, "
-                "payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (wf.id, wf.seq, kind, actor, now, summary, payload_json),
+        else:
+            cursor = self.writer.execute(
+                "UPDATE workflows SET name = ?, status = ?, current_step = ?, "
+                "steps = ?, message = ?, created_at = ?, updated_at = ?, seq = ?, "
+                "stall_after_s = ?, stalled = ?, stall_at = ?, gate_deadline = ?, "
+                f"activity = {NEXT_ACTIVITY} WHERE id = ? AND seq = ?",
+                (*row, wf.id, wf.seq - 1),
             )
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
-        committed = time.monotonic()
-        self.stats.store_write_seconds.observe(committed - started)
+            if cursor.rowcount != 1:
+                raise RuleViolation(
+                    "seq", f"workflow {wf.id} changed under this write; retry it"
+                )
+        self.writer.execute(
+            "INSERT INTO events (workflow_id, seq, kind, actor, at, summary, "
+            "payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (wf.id, wf.seq, kind, actor, wf.updated_at, summary, payload_json),
+        )
         wf.history = []
-        return Change(wf.id, wf.seq, payload_json, wf.status, committed, kind, previous)
+        return Change(
+            wf.id, wf.seq, payload_json, wf.status, time.monotonic(), kind, previous
+        )
 
     # -- retention -------------------------------------------------------------
 
@@ -618,9 +581,7 @@ class Store:
     async def _prune_batches(self, sql: str, params: tuple[Any, ...]) -> int:
         total = 0
         while True:
-            async with self._write_lock:
-                cursor = await self.writer.execute(sql, params)
-                changed = int(cursor.rowcount)
+            changed = await self.execute(sql, params)
             total += changed
             if changed < params[-1]:
                 return total
@@ -635,7 +596,7 @@ class Store:
                 )
 
 
-def _workflow_from_row(row: aiosqlite.Row) -> Workflow:
+def _workflow_from_row(row: sqlite3.Row) -> Workflow:
     return Workflow(
         id=row["id"],
         name=row["name"],
