@@ -279,7 +279,20 @@
     link.href = "data:image/svg+xml," + encodeURIComponent(svg);
   }
 
-  var lastBadge = null;
+  // The badge as served: the first change from it is announced too, even when
+  // no snapshot came first (a page resuming from the seq it was rendered at
+  // is sent only the updates after it).
+  var servedBadge = page === "workflow" ? field(document, "status") : null;
+  var lastBadge = servedBadge ? servedBadge.dataset.status : null;
+
+  // The tab shows the state from the start, not only after the first change.
+  if (servedBadge) {
+    applyTab({
+      name: field(document, "name").textContent,
+      badge_status: servedBadge.dataset.status,
+      badge_label: field(document, "status_label").textContent,
+    });
+  }
 
   function announce(state) {
     if (lastBadge !== null && lastBadge !== state.badge_status) {

@@ -16,9 +16,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Locator,
+    Page,
+    expect,
+    sync_playwright,
+)
 
-from .conftest import AUTH
+from .conftest import ADMIN_TOKEN, AUTH
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -33,6 +40,8 @@ CHROMIUM_ARGS = [
 
 # Default time a browser action may take; expectations pass their own timeouts.
 ACTION_TIMEOUT_MS = 10_000
+# A change on a connected page shows well within this on 127.0.0.1.
+LIVE_TIMEOUT_MS = 5_000
 
 # Installed before any page script runs: note Content-Security-Policy
 # violations (an injected inline handler would cause one), the close codes of
@@ -175,3 +184,24 @@ def api(base_url: str, path: str, body: dict[str, Any] | None = None) -> dict[st
     with _opener.open(request, timeout=10) as response:
         result: dict[str, Any] = json.loads(response.read())
         return result
+
+
+def field(root: Page | Locator, name: str) -> Locator:
+    """The element a page marks with data-field=name."""
+    return root.locator(f"[data-field={name}]")
+
+
+def expect_live(page: Page, timeout: float = LIVE_TIMEOUT_MS) -> None:
+    """Wait until the page says it follows the server live."""
+    expect(field(page, "freshness")).to_have_attribute(
+        "data-state", "live", timeout=timeout
+    )
+
+
+def sign_in(pages: Pages, base_url: str) -> Page:
+    """Sign in as the admin in a new context; return the admin page."""
+    admin = pages.open(f"{base_url}/admin/login")
+    admin.fill("#token", ADMIN_TOKEN)
+    admin.get_by_role("button", name="Sign in").click()
+    expect(admin).to_have_url(f"{base_url}/admin")
+    return admin

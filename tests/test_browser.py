@@ -329,7 +329,7 @@ def test_markup_in_messages_is_shown_as_text(
     expect_live(viewer)
     assert_literal(viewer, "message", MARKUP)
     assert_literal(viewer, "name", NAME)
-    assert viewer.title() == f"{NAME} · Vapora"
+    assert viewer.title() == f"(Pending) {NAME} · Vapora"
 
     api(
         server.url,
