@@ -446,6 +446,7 @@
       return;
     }
     if (frame.now) clockOffsetMs = Date.parse(frame.now) - Date.now();
+    if (frame.heartbeat_s) SILENCE_MS = Math.max(SILENCE_MS, frame.heartbeat_s * 2500 + 2000);
     if (frame.type === "heartbeat" || frame.type === "ready") return;
     if (frame.type === "presence") return applyPresence(frame);
     if (page === "workflow") applyWorkflowFrame(frame);

@@ -80,8 +80,13 @@ async def list_snapshot(store: Store, limit: int) -> Encoded:
     return Encoded("list", None, text.encode())
 
 
-def ready_frame(epoch: str, seq: int) -> Encoded:
-    """The frame that ends a catch-up: from here on, the stream is live."""
+def ready_frame(epoch: str, seq: int, heartbeat_s: float) -> Encoded:
+    """The frame that ends a catch-up: from here on, the stream is live.
+
+    It says how often heartbeats come, so a client can tell silence from death.
+    """
     shown = seq if seq >= 0 else None
-    text = frame_text("ready", epoch, "{}", seq=shown, now=utc_now())
+    text = frame_text(
+        "ready", epoch, "{}", seq=shown, now=utc_now(), heartbeat_s=heartbeat_s
+    )
     return Encoded("ready", shown, text.encode())

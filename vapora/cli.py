@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import logging
 import os
 import signal
 import sqlite3
 import sys
-from collections.abc import Sequence
-
-from aiohttp import web
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from . import logs
-from .app import create_app
 from .backup import backup
+from .client import DEFAULT_URL, STATUSES, Api, ApiError, Watcher, check_url
 from .settings import Settings
+from .terminal import make_view, printable, summary
 
 logger = logging.getLogger("vapora")
 
@@ -62,12 +63,134 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"the database to copy (VAPORA_DB, default {Settings.default('db')})",
     )
+
+    add_client_commands(commands)
     return parser
+
+
+WATCH_EPILOG = """\
+exit status:
+  0  the workflow is completed
+  1  it failed, or it cannot be followed (unknown id, refused, unreachable)
+  2  the command line is wrong
+  3  it was cancelled
+  130  interrupted with Ctrl-C
+
+It keeps following across lost connections and server restarts, resuming where
+it left off, until the workflow is completed, failed or cancelled."""
+
+
+def add_client_commands(commands: argparse._SubParsersAction[Any]) -> None:
+    """The commands that talk to a running server through its API."""
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument(
+        "--url",
+        default=None,
+        help=f"the server, with any base path (VAPORA_URL, default {DEFAULT_URL})",
+    )
+    server.add_argument(
+        "--token",
+        default=None,
+        help="the API token (VAPORA_TOKEN, safer: others can see arguments)",
+    )
+    message = {"metavar": "TEXT", "help": "the workflow's new message"}
+
+    create = commands.add_parser(
+        "create",
+        parents=[server],
+        help="create a workflow and print its id",
+        description=(
+            "Create a workflow and print its id alone, for ID=$(vapora create ...)."
+        ),
+    )
+    create.add_argument("name", help="the workflow's name")
+    create.add_argument("steps", nargs="+", metavar="STEP", help="its steps, in order")
+    create.add_argument("-m", "--message", **message)
+
+    advance = commands.add_parser(
+        "advance",
+        parents=[server],
+        help="finish the current step and start the next (or complete)",
+    )
+    advance.add_argument("workflow_id", metavar="ID", help="the workflow's id")
+    advance.add_argument("-m", "--message", **message)
+
+    status = commands.add_parser(
+        "status", parents=[server], help="set a workflow's status"
+    )
+    status.add_argument("workflow_id", metavar="ID", help="the workflow's id")
+    status.add_argument(
+        "status", choices=STATUSES, metavar="STATUS", help=", ".join(STATUSES)
+    )
+    status.add_argument("-m", "--message", **message)
+
+    say = commands.add_parser(
+        "message", parents=[server], help="replace a workflow's message"
+    )
+    say.add_argument("workflow_id", metavar="ID", help="the workflow's id")
+    say.add_argument("text", help="the new message")
+
+    watch = commands.add_parser(
+        "watch",
+        parents=[server],
+        help="follow a workflow live until it finishes",
+        description=(
+            "Follow a workflow live: a panel redrawn in place on a terminal, "
+            "one line a change otherwise."
+        ),
+        epilog=WATCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    watch.add_argument("workflow_id", metavar="ID", help="the workflow's id")
+
+
+# The options of the API commands, by every name they go by.
+CLIENT_OPTIONS = {"--url": "--url", "--token": "--token"}
+MESSAGE_OPTIONS = {"-m": "--message", "--message": "--message"}
+TAKE_A_MESSAGE = ("create", "advance", "status")
+
+
+def positionals_apart(argv: list[str]) -> list[str]:
+    """Put an API command's options first and every other argument after `--`.
+
+    A workflow id may begin with `-`, and argparse would take it for an option.
+    """
+    if not argv or argv[0] not in CLIENT_COMMANDS:
+        return argv
+    known = dict(CLIENT_OPTIONS)
+    if argv[0] in TAKE_A_MESSAGE:
+        known.update(MESSAGE_OPTIONS)
+    options: list[str] = []
+    positionals: list[str] = []
+    rest = iter(argv[1:])
+
+    for arg in rest:
+        name, equals, value = arg.partition("=")
+        if arg == "--":
+            positionals.extend(rest)
+        elif arg in ("-h", "--help"):
+            options.append(arg)
+        elif name in known and equals:
+            options.append(f"{known[name]}={value}")
+        elif arg in known:
+            following = next(rest, None)
+            # Joined with `=`, a value that begins with `-` is still a value.
+            joined = f"{known[arg]}={following}"
+            options.append(arg if following is None else joined)
+        else:
+            positionals.append(arg)
+
+    return [argv[0], *options, "--", *positionals]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(
+        positionals_apart(list(sys.argv[1:] if argv is None else argv))
+    )
+
+    if args.command in CLIENT_COMMANDS:
+        return run_client(parser, args)
 
     if args.command == "backup":
         logs.configure("INFO", "text")
@@ -99,8 +222,79 @@ def os_config() -> str | None:
     return os.environ.get("VAPORA_CONFIG") or None
 
 
+def run_client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run one API command: 0 on success, 1 with a message on stderr on failure."""
+    try:
+        url = check_url(args.url or os.environ.get("VAPORA_URL") or DEFAULT_URL)
+    except ValueError as error:
+        parser.error(str(error))
+    token = args.token or os.environ.get("VAPORA_TOKEN") or None
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A name or message the terminal's encoding lacks must not end the command.
+        sys.stdout.reconfigure(errors="replace")
+
+    async def call() -> int:
+        async with Api(url, token) as api:
+            return await CLIENT_COMMANDS[args.command](api, args)
+
+    try:
+        return asyncio.run(call())
+    except ApiError as error:
+        print(f"vapora: {printable(str(error))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`vapora watch ... | head`): stop without a trace.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+async def create_command(api: Api, args: argparse.Namespace) -> int:
+    progress = await api.create(args.name, args.steps, args.message)
+    print(progress.workflow_id)
+    return 0
+
+
+async def advance_command(api: Api, args: argparse.Namespace) -> int:
+    print(summary(await api.advance(args.workflow_id, args.message)))
+    return 0
+
+
+async def status_command(api: Api, args: argparse.Namespace) -> int:
+    print(summary(await api.set_status(args.workflow_id, args.status, args.message)))
+    return 0
+
+
+async def message_command(api: Api, args: argparse.Namespace) -> int:
+    print(summary(await api.set_message(args.workflow_id, args.text)))
+    return 0
+
+
+async def watch_command(api: Api, args: argparse.Namespace) -> int:
+    view = make_view(sys.stdout, sys.stderr)
+    final = await Watcher(api, args.workflow_id, view).run()
+    return WATCH_EXIT_CODES.get(final.status, 1)
+
+
+WATCH_EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 3}
+
+CLIENT_COMMANDS: dict[str, Callable[[Api, argparse.Namespace], Awaitable[int]]] = {
+    "create": create_command,
+    "advance": advance_command,
+    "status": status_command,
+    "message": message_command,
+    "watch": watch_command,
+}
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then close every socket with 1001 and stop."""
+    # Imported here so that the API commands start without loading the server.
+    from aiohttp import web
+
+    from .app import create_app
+
     app = create_app(settings)
     runner = web.AppRunner(
         app,

@@ -152,7 +152,9 @@ class Subscriber:
             self.last_seq = after
         # Says the catch-up is over, even when there was nothing to catch up on,
         # so a client knows at once that its link works.
-        self.send_own(ready_frame(self.store.epoch, self.last_seq))
+        self.send_own(
+            ready_frame(self.store.epoch, self.last_seq, self.settings.heartbeat_s)
+        )
         if self._notice is not None:
             self.send_notice(self._notice)
             self._notice = None
