@@ -253,3 +253,9 @@ async def test_a_file_from_a_newer_release_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="newer"):
         await store.open()
     await store.close()
+
+
+def test_ids_never_start_with_a_dash() -> None:
+    from vapora.store import new_workflow_id
+
+    assert not any(new_workflow_id().startswith("-") for _ in range(5000))

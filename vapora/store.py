@@ -64,8 +64,13 @@ T = TypeVar("T")
 
 
 def new_workflow_id() -> str:
-    """Return a short, URL-safe, random id (72 bits)."""
-    return secrets.token_urlsafe(9)
+    """Return a short, URL-safe, random id (72 bits) that never starts with -.
+
+    A leading dash would read as an option on a command line.
+    """
+    while (workflow_id := secrets.token_urlsafe(9)).startswith("-"):
+        pass
+    return workflow_id
 
 
 def hash_secret(secret: str) -> str:
