@@ -13,22 +13,24 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import Page, expect
 
 from .browser_fixtures import (  # noqa: F401
+    LIVE_TIMEOUT_MS,
     Pages,
     api,
     browser_fixture,
+    expect_live,
+    field,
     free_port,
     pages_fixture,
+    sign_in,
 )
-from .conftest import ADMIN_TOKEN, ServerProcess
+from .conftest import ServerProcess
 
 StartServer = Callable[..., ServerProcess]
 RecordProperty = Callable[[str, object], None]
 
-# A change on a connected page shows well within this on 127.0.0.1.
-LIVE_TIMEOUT_MS = 5_000
 # The client retries with jittered backoff capped at 15 s.
 RECONNECT_TIMEOUT_MS = 25_000
 
@@ -72,16 +74,6 @@ class Timing(NamedTuple):
     from_submit: float
 
 
-def field(root: Page | Locator, name: str) -> Locator:
-    return root.locator(f"[data-field={name}]")
-
-
-def expect_live(page: Page, timeout: float = LIVE_TIMEOUT_MS) -> None:
-    expect(field(page, "freshness")).to_have_attribute(
-        "data-state", "live", timeout=timeout
-    )
-
-
 class StaysLoaded:
     """Checks that a page is never reloaded nor navigated away."""
 
@@ -107,14 +99,6 @@ def create_workflow(
     if message:
         body["message"] = message
     return api(base_url, "/api/workflows", body)
-
-
-def sign_in(pages: Pages, base_url: str) -> Page:
-    admin = pages.open(f"{base_url}/admin/login")
-    admin.fill("#token", ADMIN_TOKEN)
-    admin.get_by_role("button", name="Sign in").click()
-    expect(admin).to_have_url(f"{base_url}/admin")
-    return admin
 
 
 def submit_advance(admin: Page, viewer: Page, expected_step: str) -> Timing:

@@ -8,14 +8,13 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from .app_keys import AUTH, HUB, STORE, WEBHOOKS
+from .app_keys import AUTH, HUB, STORE
 from .auth import ADMIN, CSRF_FIELD
-from .credentials import Scope, clean_scope
+from .credentials import Scope
 from .errors import InvalidInput, TooManyRequests, VaporaError
 from .model import Status, Workflow
 from .store import Store
 from .validate import clean_status
-from .webhooks import EVENTS
 
 routes = web.RouteTableDef()
 
@@ -247,115 +246,3 @@ async def create_share_link(request: web.Request) -> web.Response:
     path = request.app.router["share"].url_for(secret=secret)
     url = str(request.url.with_path(str(path)).with_query(None))
     return await render_admin_workflow(request, None, {}, {}, new_share_url=url)
-
-
-@routes.get("/admin/tokens", name="admin_tokens")
-async def tokens_page(request: web.Request) -> web.Response:
-    """List API tokens, with the form to make one."""
-    await require_admin(request)
-    return await render_tokens(request, {}, {})
-
-
-async def render_tokens(
-    request: web.Request,
-    errors: dict[str, str],
-    values: dict[str, str],
-    status: int = 200,
-    new_secret: str | None = None,
-) -> web.Response:
-    tokens = await request.app[AUTH].credentials.list_tokens()
-    context = {
-        "tokens": [t for t in tokens if not (t.scope is Scope.READ and t.workflow_id)],
-        "scopes": list(Scope),
-        "workflows": await request.app[STORE].list_workflows(500),
-        "errors": errors,
-        "values": values,
-        "new_secret": new_secret,
-    }
-    return render(request, "admin_tokens.html", context, status=status)
-
-
-@routes.post("/admin/tokens", name="admin_create_token")
-async def create_token(request: web.Request) -> web.Response:
-    """Make a token and show its secret once; 400 re-renders the form."""
-    await require_admin(request)
-    form = await read_form(request)
-
-    try:
-        scope = clean_scope(form.get("scope"))
-        _, secret = await request.app[AUTH].credentials.create_token(
-            form.get("name"), scope, form.get("workflow_id") or None
-        )
-    except VaporaError as error:
-        errors = {error.field or "name": error.message}
-        return await render_tokens(request, errors, form, status=error.status)
-
-    return await render_tokens(request, {}, {}, status=201, new_secret=secret)
-
-
-@routes.post("/admin/tokens/{token_id}/revoke", name="admin_revoke_token")
-async def revoke_token(request: web.Request) -> web.Response:
-    """Revoke a token at once, then go back where the form was; 403, 404."""
-    await require_admin(request)
-    form = await read_form(request)
-
-    await request.app[AUTH].credentials.revoke(request.match_info["token_id"])
-
-    back = form.get("back", "")
-    if not back.startswith(str(request.app.router["admin"].url_for())):
-        back = str(request.app.router["admin_tokens"].url_for())
-    raise web.HTTPSeeOther(back)
-
-
-@routes.get("/admin/webhooks", name="admin_webhooks")
-async def webhooks_page(request: web.Request) -> web.Response:
-    """List webhooks and their latest deliveries, with the form to add one."""
-    await require_admin(request)
-    return await render_webhooks(request, {}, {})
-
-
-async def render_webhooks(
-    request: web.Request,
-    errors: dict[str, str],
-    values: dict[str, str],
-    status: int = 200,
-    new_secret: str | None = None,
-) -> web.Response:
-    webhooks = request.app[WEBHOOKS]
-    context = {
-        "webhooks": webhooks.all(),
-        "deliveries": await webhooks.deliveries(),
-        "events": EVENTS,
-        "errors": errors,
-        "values": values,
-        "new_secret": new_secret,
-    }
-    return render(request, "admin_webhooks.html", context, status=status)
-
-
-@routes.post("/admin/webhooks", name="admin_create_webhook")
-async def create_webhook(request: web.Request) -> web.Response:
-    """Add a webhook and show its signing secret once; 400 re-renders the form."""
-    await require_admin(request)
-    form = await read_form(request)
-    post = await request.post()
-    events = [e for e in post.getall("events", []) if isinstance(e, str)] or None
-
-    try:
-        hook = await request.app[WEBHOOKS].create(form.get("url"), events)
-    except VaporaError as error:
-        errors = {error.field or "url": error.message}
-        return await render_webhooks(request, errors, form, status=error.status)
-
-    return await render_webhooks(request, {}, {}, status=201, new_secret=hook.secret)
-
-
-@routes.post("/admin/webhooks/{webhook_id}/delete", name="admin_delete_webhook")
-async def delete_webhook(request: web.Request) -> web.Response:
-    """Remove a webhook, then show the list again; 403, 404."""
-    await require_admin(request)
-    await read_form(request)
-
-    await request.app[WEBHOOKS].delete(request.match_info["webhook_id"])
-
-    raise web.HTTPSeeOther(request.app.router["admin_webhooks"].url_for())

@@ -14,7 +14,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from . import admin, api, metrics, pages, sse, ws
+from . import admin, admin_access, api, metrics, pages, sse, ws
 from .admission import OPEN_CONNECTIONS
 from .app_keys import AUTH, HUB, SETTINGS, STATS, STORE, WEBHOOKS
 from .auth import Auth, csrf_cookie_middleware
@@ -112,6 +112,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_routes(api.routes)
     app.router.add_routes(pages.routes)
     app.router.add_routes(admin.routes)
+    app.router.add_routes(admin_access.routes)
     app.router.add_routes(metrics.routes)
     app.router.add_static(
         "/static", asset_dir("static"), name="static", append_version=True
