@@ -1,0 +1,61 @@
+"""The benchmark, small and short: it runs end to end and nothing goes missing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_delivers_every_change_once_in_order_and_reports(
+    tmp_path: Path,
+) -> None:
+    report, figures = tmp_path / "RESULTS.md", tmp_path / "results.json"
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--sizes",
+            "200",
+            "--changes",
+            "200",
+            "--rate",
+            "100",
+            "--durable-s",
+            "1",
+            "--back-to-back-s",
+            "1",
+            "--no-pin",
+            "--quiet-wait-s",
+            "0",
+            "--output",
+            str(report),
+            "--json",
+            str(figures),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    data = json.loads(figures.read_text())
+    assert {run["server"] for run in data["runs"]} == {"vapora", "fanout"}
+    for run in data["runs"]:
+        assert run["connect_failures"] == 0, run["publish_errors"]
+        assert run["changes"] == 200, run["publish_errors"]
+        assert run["deliveries"] == run["expected"] == 200 * 10
+        assert (run["lost"], run["duplicated"], run["out_of_order"]) == (0, 0, 0)
+        assert run["unexpected"] == 0
+        assert run["protocol_errors"] == []
+    assert [d["server"] for d in data["durables"]] == ["vapora", "fanout"]
+    assert all(d["back_to_back_changes"] > 0 for d in data["durables"])
+    text = report.read_text()
+    assert "| 200 | 20 |" in text
+    assert "## Targets" in text
