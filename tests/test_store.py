@@ -1,17 +1,38 @@
-"""The store's rules, on a real SQLite file."""
+"""The store's rules, on a real SQLite file and on a real PostgreSQL database."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from vapora.credentials import Credentials, Scope
 from vapora.errors import InvalidInput, NotFound, RuleViolation
 from vapora.model import Status, StepState
-from vapora.schema import SCHEMA_VERSION
+from vapora.schema import PG_SCHEMA_VERSION, SCHEMA_VERSION
 from vapora.store import Change, Store
+from vapora.webhooks import Webhooks
+
+from .conftest import make_settings, run_sql
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a store keeps its data: an SQLite file, or a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store.db")
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+async def store(db: str) -> AsyncIterator[Store]:
+    store = Store(db)
+    await store.open()
+    yield store
+    await store.close()
 
 
 async def test_new_workflow_starts_pending_at_step_zero(store: Store) -> None:
@@ -220,6 +241,69 @@ async def test_listeners_hear_only_committed_changes(store: Store) -> None:
     assert [c.seq for c in seen] == [2]
 
 
+async def test_list_puts_the_latest_change_first(store: Store) -> None:
+    first = await store.create_workflow("first", ["a", "b"], "admin")
+    await store.create_workflow("second", ["a"], "admin")
+    await store.advance(first.id, "admin")
+
+    names = [w.name for w in await store.list_workflows()]
+
+    assert names == ["first", "second"]
+
+
+async def test_a_gate_past_its_timeout_is_due(store: Store) -> None:
+    gate = {"name": "ship", "gate": {"timeout_s": 60}}
+    wf = await store.create_workflow("gated", ["build", gate], "admin")
+    await store.advance(wf.id, "admin")
+    await store.advance(wf.id, "admin")
+
+    gates, stalls = await store.due("9999-12-31T00:00:00+00:00")
+
+    assert (gates, stalls) == ([wf.id], [])
+    assert (await store.get_workflow(wf.id)).status is Status.WAITING
+
+
+async def test_prune_keeps_only_each_live_workflow_newest_event(store: Store) -> None:
+    finished = await store.create_workflow("finished", ["a"], "admin")
+    await store.advance(finished.id, "admin")
+    await store.advance(finished.id, "admin")
+    running = await store.create_workflow("running", ["a", "b"], "admin")
+    await store.advance(running.id, "admin")
+
+    assert await store.prune("9999-12-31T00:00:00+00:00", batch=1) == (1, 1)
+
+    assert [w.name for w in await store.list_workflows()] == ["running"]
+    assert [e.seq for e in await store.history(running.id, 10)] == [2]
+
+
+async def test_tokens_and_sessions_are_kept_and_revoked(store: Store) -> None:
+    credentials = Credentials(store)
+    token, secret = await credentials.create_token("ci", Scope.PUBLISH_ANY)
+    await credentials.add_session("session-secret", "9999-12-31T00:00:00+00:00")
+
+    found = await credentials.find(secret)
+    assert found is not None and found.name == "ci"
+    assert [t.id for t in await credentials.list_tokens()] == [token.id]
+    assert await credentials.session_valid("session-secret")
+
+    await credentials.revoke(token.id)
+    with pytest.raises(NotFound):
+        await credentials.revoke(token.id)
+    assert await credentials.find(secret) is None
+
+
+async def test_webhooks_are_kept_and_removed(store: Store, tmp_path: Path) -> None:
+    webhooks = Webhooks(store, make_settings(tmp_path))
+    hook = await webhooks.create("https://example.invalid/hook", ["failed"])
+
+    assert [h.url for h in webhooks.all()] == ["https://example.invalid/hook"]
+    assert await webhooks.deliveries() == []
+
+    await webhooks.delete(hook.id)
+    with pytest.raises(NotFound):
+        await webhooks.delete(hook.id)
+
+
 async def test_file_uses_wal_and_records_its_schema_version(tmp_path: Path) -> None:
     store = Store(tmp_path / "v.db")
     await store.open()
@@ -230,18 +314,37 @@ async def test_file_uses_wal_and_records_its_schema_version(tmp_path: Path) -> N
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-async def test_reopening_a_file_keeps_its_workflows_and_epoch(tmp_path: Path) -> None:
-    first = Store(tmp_path / "v.db")
+async def test_reopening_a_database_keeps_its_workflows_and_epoch(db: str) -> None:
+    first = Store(db)
     await first.open()
     wf = await first.create_workflow("Kept", ["a"], "admin")
     epoch = first.epoch
     await first.close()
 
-    second = Store(tmp_path / "v.db")
+    second = Store(db)
     await second.open()
     assert (await second.get_workflow(wf.id)).name == "Kept"
     assert second.epoch == epoch
     await second.close()
+
+
+async def test_two_stores_on_one_database_share_seqs_and_epoch(db: str) -> None:
+    first, second = Store(db), Store(db)
+    try:
+        await asyncio.gather(first.open(), second.open())
+        wf = await first.create_workflow("Shared", [f"s{i}" for i in range(40)], "a")
+
+        await asyncio.gather(
+            *(s.advance(wf.id, "admin") for _ in range(10) for s in (first, second))
+        )
+
+        assert first.epoch == second.epoch
+        history = await second.history(wf.id, 50)
+        assert [e.seq for e in history] == list(range(21, 0, -1))
+        assert (await first.get_workflow(wf.id)).current_step == 20
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_a_file_from_a_newer_release_is_refused(tmp_path: Path) -> None:
@@ -250,6 +353,36 @@ async def test_a_file_from_a_newer_release_is_refused(tmp_path: Path) -> None:
     conn.close()
 
     store = Store(tmp_path / "new.db")
+    with pytest.raises(RuntimeError, match="newer"):
+        await store.open()
+    await store.close()
+
+
+async def test_a_postgresql_database_records_its_schema_version(
+    postgres_url: str,
+) -> None:
+    store = Store(postgres_url)
+    await store.open()
+
+    row = await store.fetch_one("SELECT max(version) FROM schema_version")
+
+    assert row[0] == PG_SCHEMA_VERSION
+    await store.close()
+
+
+async def test_a_postgresql_database_from_a_newer_release_is_refused(
+    postgres_url: str,
+) -> None:
+    store = Store(postgres_url)
+    await store.open()
+    await store.close()
+    run_sql(
+        postgres_url,
+        "INSERT INTO schema_version (version, applied_at) "
+        f"VALUES ({PG_SCHEMA_VERSION + 1}, 'later')",
+    )
+
+    store = Store(postgres_url)
     with pytest.raises(RuntimeError, match="newer"):
         await store.open()
     await store.close()

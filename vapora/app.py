@@ -79,8 +79,10 @@ def create_app(settings: Settings) -> web.Application:
     app[AUTH] = Auth(store, settings)
     app[OPEN_CONNECTIONS] = Counter()
     hub = Hub(stats)
-    store.add_listener(hub.publish)
     app[HUB] = hub
+    app[metrics.READINESS_CHECKS] = []
+    if not settings.broker:
+        store.add_listener(hub.publish)
     webhooks = Webhooks(store, settings)
     store.add_listener(webhooks.on_change)
     app[WEBHOOKS] = webhooks
@@ -96,6 +98,8 @@ def create_app(settings: Settings) -> web.Application:
     env.filters.update(pages.TEMPLATE_FILTERS)
 
     app.cleanup_ctx.append(_store_and_hub)
+    if settings.broker:
+        _join_cluster(app, settings.broker)
     app.on_shutdown.append(ws.close_all_sockets)
 
     app.router.add_get("/api/updates", ws.list_socket, name="list_socket")
@@ -137,6 +141,25 @@ def create_app(settings: Settings) -> web.Application:
     root[STATS] = stats
     root[WEBHOOKS] = webhooks
     return root
+
+
+def _join_cluster(app: web.Application, url: str) -> None:
+    """Pass changes to and from the other nodes through the broker at url."""
+    # Imported here, so that Redis's client loads only where a broker is used.
+    from .broker import Broker
+
+    broker = Broker(url, app[STORE], app[HUB])
+    app[STORE].add_listener(broker.on_commit)
+    app[metrics.READINESS_CHECKS].append(lambda: broker.problem)
+
+    async def connected(app: web.Application) -> AsyncIterator[None]:
+        await broker.start()
+        yield
+        await broker.stop()
+
+    # Added after the store's: it opens first, and the channel is named after
+    # its epoch; the broker stops before the store closes.
+    app.cleanup_ctx.append(connected)
 
 
 async def _store_and_hub(app: web.Application) -> AsyncIterator[None]:

@@ -16,7 +16,7 @@ from typing import Any
 from . import logs
 from .backup import backup
 from .client import DEFAULT_URL, STATUSES, Api, ApiError, Watcher, check_url
-from .settings import Settings
+from .settings import Settings, hide_password
 from .terminal import make_view, printable, summary
 
 logger = logging.getLogger("vapora")
@@ -195,6 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "backup":
         logs.configure("INFO", "text")
         db = args.db or Settings.load({}).db
+        if "://" in db and not db.startswith("sqlite:///"):
+            logger.error(
+                "vapora backup copies SQLite files; for %s use the database's own "
+                "tools (pg_dump)",
+                hide_password(db),
+            )
+            return 1
+        db = db.removeprefix("sqlite://")
         try:
             count = backup(db, args.path)
         except (OSError, sqlite3.Error) as error:
@@ -323,7 +331,7 @@ async def serve(settings: Settings) -> None:
             shown,
             port,
             settings.base_path,
-            settings.db,
+            hide_password(settings.db),
             settings.read_access,
         )
     logger.debug("Settings: %s", settings.public_items())

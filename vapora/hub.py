@@ -25,6 +25,8 @@ class Subscriber(Protocol):
     """A socket (or stream) watching one workflow, or all of them if id is None."""
 
     workflow_id: str | None
+    # The seq of the last change it holds; -1 until its opening frames are read.
+    last_seq: int
 
     def deliver(self, out: Outgoing) -> None:
         """Take one change without blocking; never raise."""
@@ -129,6 +131,18 @@ class Hub:
         while True:
             await asyncio.sleep(interval_s)
             self.beat()
+
+    def interested(self, workflow_id: str) -> bool:
+        """Whether any subscriber here would take a change of this workflow."""
+        return bool(self._everything) or workflow_id in self._groups
+
+    def watched_ids(self) -> list[str]:
+        """The workflows that have subscribers of their own here."""
+        return list(self._groups)
+
+    def held_seqs(self, workflow_id: str) -> list[int]:
+        """The last seq each subscriber of the workflow holds (-1: still opening)."""
+        return [sub.last_seq for sub in self._groups.get(workflow_id, ())]
 
     def subscribers(self, workflow_id: str | None = None) -> int:
         """Count subscribers: of one workflow, or in all."""

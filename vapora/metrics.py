@@ -22,6 +22,9 @@ from .stats import Histogram, Stats
 
 routes = web.RouteTableDef()
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+# Each check names why the node is not ready, or returns None when it is.
+ReadinessCheck = Callable[[], str | None]
+READINESS_CHECKS = web.AppKey("readiness_checks", list[ReadinessCheck])
 READY_TIMEOUT_S = 2.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -135,7 +138,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """Answer 200 when the database takes a write, 503 otherwise."""
+    """Answer 200 when the database takes a write and the broker is up, else 503."""
     started = time.monotonic()
     try:
         await asyncio.wait_for(
@@ -144,4 +147,9 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as error:  # any failure means not ready
         body = {"status": "unavailable", "reason": f"database write failed: {error!r}"}
         return web.json_response(body, status=503)
+    for check in request.app.get(READINESS_CHECKS, []):
+        problem = check()
+        if problem is not None:
+            body = {"status": "unavailable", "reason": problem}
+            return web.json_response(body, status=503)
     return web.json_response({"status": "ok"})

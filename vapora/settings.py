@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 SECRET_SETTINGS = frozenset({"admin_token"})
+BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def setting(
@@ -29,7 +30,15 @@ def setting(
 class Settings:
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(8080, "TCP port to listen on (0 picks a free one)")
-    db: str = setting("./vapora.db", "SQLite database file")
+    db: str = setting(
+        "./vapora.db",
+        "SQLite database file (or sqlite:///PATH), or a postgresql:// URL",
+    )
+    broker: str = setting(
+        "",
+        "redis:// URL of the broker that passes changes between several Vapora "
+        "processes sharing one database; empty for a single process",
+    )
     admin_token: str = setting(
         "", "admin token; when empty, one is generated at first start and logged once"
     )
@@ -115,11 +124,15 @@ class Settings:
 
     def public_items(self) -> dict[str, Any]:
         """The settings an operator wants in the start-up log, never a secret."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in SECRET_SETTINGS
-        }
+        items: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name not in SECRET_SETTINGS:
+                value = getattr(self, f.name)
+                # A database or broker URL may carry a password.
+                items[f.name] = (
+                    hide_password(value) if isinstance(value, str) else value
+                )
+        return items
 
     @classmethod
     def declared(cls) -> list[Any]:
@@ -178,6 +191,21 @@ class Settings:
             )
         if self.heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be above 0, got {self.heartbeat_s}")
+        if self.broker and not self.broker.startswith(BROKER_SCHEMES):
+            raise ValueError(
+                f"broker must be a redis://, rediss:// or unix:// URL, "
+                f"got {hide_password(self.broker)!r}"
+            )
+
+
+def hide_password(value: str) -> str:
+    """Return a URL without the password it may carry, fit for a log line."""
+    scheme, colon_slashes, rest = value.partition("://")
+    credentials, at, place = rest.rpartition("@")
+    if not colon_slashes or not at or ":" not in credentials:
+        return value
+    user = credentials.partition(":")[0]
+    return f"{scheme}://{user}:***@{place}"
 
 
 def _field(name: str) -> Any:

@@ -1,8 +1,10 @@
-"""The SQLite store: workflows, their event log, and the server's own records.
+"""The store: workflows, their event log, and the server's own records.
 
 Every change runs in one transaction that raises the workflow's seq by one and
-appends the matching event; only after the commit are listeners told, in commit
-order, so the hub never sees a change that could still roll back.
+appends the matching event; only after the commit are listeners told, in seq
+order for each workflow, so the hub never sees a change that could still roll
+back. The rules and the SQL are the same on SQLite and PostgreSQL; database.py
+says what each database does for a change.
 """
 
 from __future__ import annotations
@@ -12,20 +14,16 @@ import hashlib
 import json
 import logging
 import secrets
-import sqlite3
 import statistics
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from queue import SimpleQueue
-from typing import Any, TypeVar
+from typing import Any
 
-import aiosqlite
-
-from . import schema
+from .database import Query, Row, Write, open_database
 from .errors import NotFound, RuleViolation
 from .model import (
     MAX_MESSAGE_CHARS,
@@ -37,13 +35,11 @@ from .model import (
     summarize,
     utc_now,
 )
-from .schema import NEXT_ACTIVITY
+from .sqlitedb import BUSY_TIMEOUT_MS as BUSY_TIMEOUT_MS
 from .stats import Stats
 from .validate import clean_decision, clean_stall_after, clean_steps, clean_text
 
 logger = logging.getLogger(__name__)
-
-BUSY_TIMEOUT_MS = 5000
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,7 +56,6 @@ class Change:
 
 
 Listener = Callable[[Change], None]
-T = TypeVar("T")
 
 
 def new_workflow_id() -> str:
@@ -77,112 +72,66 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-class WriterThread:
-    """One thread that runs the store's writes, in order, for the event loop."""
+class WriteOrder:
+    """Holds writes back so that listeners hear each workflow's changes in order.
 
-    def __init__(self) -> None:
-        self._jobs: SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None]
-        self._jobs = SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._run, name="vapora-writer", daemon=True
-        )
-        self._thread.start()
+    With one writer, every write waits its turn behind one lock, as they run
+    one after the other anyway. With several connections, only writes to the
+    same workflow wait for each other.
+    """
 
-    async def run(self, work: Callable[[], T]) -> T:
-        """Run work on the thread; return its result or raise its exception."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put((work, future))
-        return await future
+    def __init__(self, one_writer: bool) -> None:
+        self._one = asyncio.Lock() if one_writer else None
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            work, future = job
-            try:
-                result, error = work(), None
-            except BaseException as exc:  # handed to the awaiting coroutine
-                result, error = None, exc
-            future.get_loop().call_soon_threadsafe(_settle, future, result, error)
-
-
-def _settle(
-    future: asyncio.Future[Any], result: Any, error: BaseException | None
-) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+    @asynccontextmanager
+    async def hold(self, workflow_id: str | None) -> AsyncIterator[None]:
+        """Wait for the turn of workflow_id (None: any write, only with one writer)."""
+        if self._one is not None:
+            async with self._one:
+                yield
+            return
+        if workflow_id is None:
+            yield
+            return
+        lock, users = self._locks.get(workflow_id, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[workflow_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[workflow_id]
+            if users == 1:
+                del self._locks[workflow_id]
+            else:
+                self._locks[workflow_id] = (lock, users - 1)
 
 
 class Store:
-    """Workflows in one SQLite file.
+    """Workflows in one SQLite file, or in PostgreSQL when db is its URL.
 
-    Writes run on one thread of their own, each change as a single call that
-    holds the whole transaction: read, check the rules, write, commit. Reads
-    go through an aiosqlite connection beside it, which WAL lets see the last
-    commit without waiting for the writer.
+    Each change is one call to the database that holds the whole transaction:
+    lock the workflow's row, check the rules, write, commit.
     """
 
-    def __init__(self, path: str | Path, stats: Stats | None = None) -> None:
-        self.path = str(path)
+    def __init__(self, db: str | Path, stats: Stats | None = None) -> None:
         self.stats = stats or Stats()
+        self.database = open_database(db, self.stats.store_write_seconds)
         self.epoch = ""
-        self._writer: sqlite3.Connection | None = None
-        self._write_thread: WriterThread | None = None
-        self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
+        self._order = WriteOrder(self.database.one_writer)
         self._listeners: list[Listener] = []
 
     # -- lifecycle ---------------------------------------------------------
 
     async def open(self) -> None:
-        """Open the file, creating or migrating its schema."""
-        self._write_thread = WriterThread()
-        self._writer = await self._in_writer(self._connect_writer)
-        await self._in_writer(lambda: schema.migrate(self.writer, self.path))
-        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-        self._reader.row_factory = aiosqlite.Row
-        await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        """Connect, creating or migrating the schema."""
+        await self.database.open()
         self.epoch = await self._ensure_meta("epoch", lambda: secrets.token_hex(8))
 
     async def close(self) -> None:
-        if self._reader is not None:
-            await self._reader.close()
-        if self._writer is not None:
-            await self._in_writer(self._writer.close)
-        if self._write_thread is not None:
-            self._write_thread.stop()
-        self._reader = self._writer = self._write_thread = None
-
-    def _connect_writer(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        schema.configure(conn, BUSY_TIMEOUT_MS)
-        return conn
-
-    async def _in_writer(self, work: Callable[[], T]) -> T:
-        """Run work on the writer's thread and wait for it."""
-        if self._write_thread is None:
-            raise RuntimeError("store is not open")
-        return await self._write_thread.run(work)
-
-    @property
-    def writer(self) -> sqlite3.Connection:
-        """The writer's connection: use it only on the writer's thread."""
-        if self._writer is None:
-            raise RuntimeError("store is not open")
-        return self._writer
-
-    @property
-    def reader(self) -> aiosqlite.Connection:
-        if self._reader is None:
-            raise RuntimeError("store is not open")
-        return self._reader
+        await self.database.close()
 
     def add_listener(self, listener: Listener) -> None:
         """Call listener with every change, after it commits, in seq order."""
@@ -192,19 +141,12 @@ class Store:
 
     async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         """Run one write statement in its own transaction; return the rows changed."""
-        async with self._write_lock:
-            return await self._in_writer(
-                lambda: int(self.writer.execute(sql, params).rowcount)
-            )
+        async with self._order.hold(None):
+            return await self.database.execute(sql, params)
 
     async def fetch_all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        """Run one query to its end in a single call, and return its rows.
-
-        Reading and closing in one call matters: a statement left open while
-        other reads interleave on the same connection would hold its read
-        transaction, and later reads would see a stale snapshot.
-        """
-        return list(await self.reader.execute_fetchall(sql, params))
+        """Run one query to its end and return its rows."""
+        return await self.database.fetch_all(sql, params)
 
     async def fetch_one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         rows = await self.fetch_all(sql, params)
@@ -224,10 +166,20 @@ class Store:
         )
 
     async def _ensure_meta(self, key: str, make: Callable[[], str]) -> str:
+        """Return the key's value, setting it first if it has none.
+
+        Of several processes starting on one database at once, the first to
+        insert wins and all of them read its value.
+        """
         value = await self.get_meta(key)
         if value is None:
-            value = make()
-            await self.set_meta(key, value)
+            await self.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO NOTHING",
+                (key, make()),
+            )
+            value = await self.get_meta(key)
+        assert value is not None
         return value
 
     # -- reads ---------------------------------------------------------------
@@ -333,16 +285,11 @@ class Store:
             seq=1,
             stall_after_s=stall_after,
         )
-        async with self._write_lock:
-            change = await self._in_writer(
-                lambda: self._transaction(
-                    lambda: self._write(
-                        workflow, "created", actor, True, None, new=True
-                    )
-                )
-            )
-            self._notify(change)
-        return workflow
+        return await self._commit(
+            workflow.id,
+            None,
+            lambda row: self._writes(workflow, "created", actor, True, None, new=True),
+        )
 
     async def advance(
         self, workflow_id: str, actor: str, message: Any = None
@@ -458,10 +405,7 @@ class Store:
         if message is not None:
             message = clean_text(message, "message", MAX_MESSAGE_CHARS, required=False)
 
-        def change() -> tuple[Workflow, Change]:
-            row = self.writer.execute(
-                "SELECT * FROM workflows WHERE id = ?", (workflow_id,)
-            ).fetchone()
+        def plan(row: Row | None) -> tuple[tuple[Workflow, Change], list[Write]]:
             if row is None:
                 raise NotFound("workflow_id", f"no workflow with id {workflow_id!r}")
             workflow = _workflow_from_row(row)
@@ -475,31 +419,24 @@ class Store:
                 workflow.message = message
             workflow.updated_at = now
             workflow.seq += 1
-            return workflow, self._write(
-                workflow, kind, actor, message_changed, previous
-            )
+            return self._writes(workflow, kind, actor, message_changed, previous)
 
-        async with self._write_lock:
-            workflow, committed = await self._in_writer(
-                lambda: self._transaction(change)
-            )
-            self._notify(committed)
+        lock = ("SELECT * FROM workflows WHERE id = ?", (workflow_id,))
+        return await self._commit(workflow_id, lock, plan)
+
+    async def _commit(
+        self,
+        workflow_id: str,
+        lock: Query | None,
+        plan: Callable[[Row | None], tuple[tuple[Workflow, Change], list[Write]]],
+    ) -> Workflow:
+        """Run one change's plan in a transaction, then tell the listeners."""
+        async with self._order.hold(workflow_id):
+            workflow, change = await self.database.change(lock, plan)
+            self._notify(change)
         return workflow
 
-    def _transaction(self, work: Callable[[], T]) -> T:
-        """On the writer's thread: run work in one IMMEDIATE transaction."""
-        started = time.monotonic()
-        self.writer.execute("BEGIN IMMEDIATE")
-        try:
-            result = work()
-            self.writer.execute("COMMIT")
-        except BaseException:
-            self.writer.execute("ROLLBACK")
-            raise
-        self.stats.store_write_seconds.observe(time.monotonic() - started)
-        return result
-
-    def _write(
+    def _writes(
         self,
         wf: Workflow,
         kind: str,
@@ -507,8 +444,8 @@ class Store:
         message_changed: bool,
         previous: Status | None,
         new: bool = False,
-    ) -> Change:
-        """On the writer's thread, in a transaction: save wf and its event."""
+    ) -> tuple[tuple[Workflow, Change], list[Write]]:
+        """Return the statements that save wf and its event, with the change."""
         summary = summarize(kind, wf, message_changed)
         payload = dict(wf.state(), kind=kind, actor=actor, summary=summary)
         payload_json = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
@@ -529,35 +466,34 @@ class Store:
             wf.stall_at,
             wf.gate_deadline,
         )
+        activity = self.database.next_activity
         if new:
-            self.writer.execute(
+            save = Write(
                 "INSERT INTO workflows (name, status, current_step, steps, "
                 "message, created_at, updated_at, seq, stall_after_s, stalled, "
                 "stall_at, gate_deadline, id, activity) "
-                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {NEXT_ACTIVITY})",
+                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {activity})",
                 (*row, wf.id),
             )
         else:
-            cursor = self.writer.execute(
+            save = Write(
                 "UPDATE workflows SET name = ?, status = ?, current_step = ?, "
                 "steps = ?, message = ?, created_at = ?, updated_at = ?, seq = ?, "
                 "stall_after_s = ?, stalled = ?, stall_at = ?, gate_deadline = ?, "
-                f"activity = {NEXT_ACTIVITY} WHERE id = ? AND seq = ?",
+                f"activity = {activity} WHERE id = ? AND seq = ?",
                 (*row, wf.id, wf.seq - 1),
+                refusal=f"workflow {wf.id} changed under this write; retry it",
             )
-            if cursor.rowcount != 1:
-                raise RuleViolation(
-                    "seq", f"workflow {wf.id} changed under this write; retry it"
-                )
-        self.writer.execute(
+        event = Write(
             "INSERT INTO events (workflow_id, seq, kind, actor, at, summary, "
             "payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (wf.id, wf.seq, kind, actor, wf.updated_at, summary, payload_json),
         )
         wf.history = []
-        return Change(
+        change = Change(
             wf.id, wf.seq, payload_json, wf.status, time.monotonic(), kind, previous
         )
+        return (wf, change), [save, event]
 
     # -- retention -------------------------------------------------------------
 
@@ -601,7 +537,7 @@ class Store:
                 )
 
 
-def _workflow_from_row(row: sqlite3.Row) -> Workflow:
+def _workflow_from_row(row: Row) -> Workflow:
     return Workflow(
         id=row["id"],
         name=row["name"],
