@@ -14,6 +14,7 @@ from .store import Change
 
 OP_TEXT = 0x1
 OP_CLOSE = 0x8
+OP_PING = 0x9
 
 
 def frame_text(kind: str, epoch: str, payload: str, **extra: Any) -> str:
@@ -95,9 +96,13 @@ class Outgoing(Encoded):
 
 
 def heartbeat(now: str) -> Encoded:
-    return Encoded(
+    """The heartbeat every subscriber gets; on a WebSocket, a ping goes with it."""
+    beat = Encoded(
         "heartbeat", None, frame_text("heartbeat", "", "{}", now=now).encode()
     )
+    # One shared ping for every socket, instead of a timer per socket.
+    beat._ws = ws_frame(b"", OP_PING) + ws_frame(beat.text)
+    return beat
 
 
 def presence_frame(watching: dict[str, int]) -> Encoded:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
+from collections.abc import Iterable
 from typing import Protocol
 
 from .frames import Encoded, Outgoing, heartbeat, presence_frame
@@ -19,6 +21,9 @@ from .stats import Stats
 from .store import Change
 
 logger = logging.getLogger(__name__)
+
+# Subscribers given a heartbeat together; the slices of a sweep are spread out.
+BEAT_SLICE = 500
 
 
 class Subscriber(Protocol):
@@ -89,13 +94,7 @@ class Hub:
             logger.exception("Dropping a subscriber of %s that failed", sub.workflow_id)
             self.unsubscribe(sub)
 
-    def beat(self) -> None:
-        """Send every subscriber a heartbeat, so clients can tell a dead link."""
-        beat = heartbeat(utc_now())
-        for group in (*self._groups.values(), self._everything):
-            self._notify(group, beat)
-
-    def _notify(self, group: set[Subscriber], frame: Encoded) -> None:
+    def _notify(self, group: Iterable[Subscriber], frame: Encoded) -> None:
         for sub in tuple(group):
             try:
                 sub.notice(frame)
@@ -128,9 +127,26 @@ class Hub:
             self.flush_presence()
 
     async def run_heartbeats(self, interval_s: float) -> None:
+        """Beat every subscriber once per interval_s, a slice at a time.
+
+        Writing to tens of thousands of sockets at once, and reading their
+        pongs, would hold up every other frame, so each sweep is spread over
+        the interval. Each slice gets a fresh heartbeat, whose time clients
+        trust.
+        """
+        loop = asyncio.get_running_loop()
+        sweep_at = loop.time() + interval_s
         while True:
-            await asyncio.sleep(interval_s)
-            self.beat()
+            await asyncio.sleep(max(0.0, sweep_at - loop.time()))
+            groups = (*self._groups.values(), self._everything)
+            everyone = [sub for group in groups for sub in group]
+            slices = max(1, math.ceil(len(everyone) / BEAT_SLICE))
+            for number in range(slices):
+                due = sweep_at + number * interval_s / slices
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                batch = everyone[number * BEAT_SLICE : (number + 1) * BEAT_SLICE]
+                self._notify(batch, heartbeat(utc_now()))
+            sweep_at = max(sweep_at + interval_s, loop.time())
 
     def interested(self, workflow_id: str) -> bool:
         """Whether any subscriber here would take a change of this workflow."""

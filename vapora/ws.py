@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -40,6 +41,7 @@ class WsSubscriber(Subscriber):
         self.transport = transport
         self.protocol: Any = request.protocol
         transport.set_write_buffer_limits(high=settings.max_queue_bytes)
+        keep_alive(transport, settings.heartbeat_s)
 
     def send(self, out: Outgoing) -> bool:
         if self.protocol.writing_paused:
@@ -73,6 +75,18 @@ class WsSubscriber(Subscriber):
         await self.ws.close(code=code, message=reason.encode())
 
 
+def keep_alive(transport: asyncio.Transport, interval_s: float) -> None:
+    """Have the kernel drop the connection of a peer silent for about 2 intervals."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_KEEPIDLE"):
+        return
+    seconds = max(1, round(interval_s))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, seconds // 2))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
+
+
 async def workflow_socket(request: web.Request) -> web.WebSocketResponse:
     """Stream one workflow's changes; 400 bad `after`, 401, 403 origin, 404, 429."""
     workflow_id = request.match_info["workflow_id"]
@@ -96,8 +110,9 @@ async def _serve(
 ) -> web.WebSocketResponse:
     settings = request.app[SETTINGS]
     hub = request.app[HUB]
+    # No ping timer per socket: the hub pings every socket with its heartbeat,
+    # and the kernel's keepalive finds peers that vanished.
     ws = web.WebSocketResponse(
-        heartbeat=settings.heartbeat_s,
         compress=False,
         max_msg_size=settings.max_incoming_bytes,
     )
