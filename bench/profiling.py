@@ -15,6 +15,13 @@ from collections import Counter
 from pathlib import Path
 
 SAMPLES_PER_S = 250
+# Innermost frames that mean a thread was waiting, not working: left out.
+WAITING = (
+    "EpollSelector.select (selectors.py",
+    "_connection_worker_thread (aiosqlite/core.py:59)",
+    "WriterThread._run",
+    "Writer.write_forever (bench/gcprobe.py",
+)
 
 
 def py_spy() -> str | None:
@@ -61,7 +68,11 @@ class Profiler:
 
 
 def summarise(path: Path, top: int = 25) -> str:
-    """Top functions by own samples and by samples under them, from raw stacks."""
+    """Top functions by own samples and by samples under them, from raw stacks.
+
+    Samples of a thread waiting (in epoll, or for work on a queue) are left out,
+    so the shares are of the time the process was busy.
+    """
     own: Counter[str] = Counter()
     under: Counter[str] = Counter()
     total = 0
@@ -71,11 +82,13 @@ def summarise(path: Path, top: int = 25) -> str:
             continue
         count = int(count_text)
         frames = stack.split(";")
+        if frames[-1].startswith(WAITING):
+            continue
         total += count
         own[frames[-1]] += count
         for frame in set(frames):
             under[frame] += count
-    lines = [f"{path.name}: {total} samples"]
+    lines = [f"{path.name}: {total} busy samples"]
     for title, counter in (("own", own), ("inclusive", under)):
         lines.append(f"-- top {top} by {title} samples")
         for frame, count in counter.most_common(top):
