@@ -49,6 +49,8 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "max_connections_per_address": 10_000,
         # Presence frames come only where a test asks for them.
         "presence_interval_s": 3600.0,
+        # Freezing objects is for a server's process, not the test runner's.
+        "gc_freeze_interval_s": 0.0,
     }
     values.update(overrides)
     return Settings(**values)

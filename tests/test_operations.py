@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -491,3 +492,27 @@ def test_single_file_build_serves_pages(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_garbage_collection_pauses_are_measured(
+    client: TestClient[Any, Any],
+) -> None:
+    gc.collect()
+
+    samples = parse_metrics(await (await client.get("/metrics")).text())
+
+    assert samples["vapora_gc_pause_seconds_count{}"] >= 1
+    assert samples["vapora_gc_pause_max_seconds{}"] > 0
+
+
+async def test_long_lived_objects_are_frozen_out_of_collections(
+    app_factory: Any,
+) -> None:
+    gc.unfreeze()
+    await app_factory(gc_freeze_interval_s=0.05)
+    try:
+        async with asyncio.timeout(5):
+            while gc.get_freeze_count() == 0:
+                await asyncio.sleep(0.01)
+    finally:
+        gc.unfreeze()

@@ -14,7 +14,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from . import admin, admin_access, api, metrics, pages, sse, ws
+from . import admin, admin_access, api, collector, metrics, pages, sse, ws
 from .admission import OPEN_CONNECTIONS
 from .app_keys import AUTH, HUB, SETTINGS, STATS, STORE, WEBHOOKS
 from .auth import Auth, csrf_cookie_middleware
@@ -47,6 +47,15 @@ def asset_dir(name: str) -> Path:
 
 
 async def template_context(request: web.Request) -> dict[str, Any]:
+    """What every page's template gets; nothing for API calls and sockets.
+
+    Those render no page: skipping them saves a CSRF token per request, and a
+    reference cycle (the context holds the request) that would keep a socket's
+    connection alive after it closes, until a full garbage collection.
+    """
+    path = request.path.removeprefix(request.app[SETTINGS].base_path)
+    if path.startswith("/api/"):
+        return {}
     auth = request.app[AUTH]
     # A client that hears nothing for this long treats its link as dead.
     silence_ms = int(request.app[SETTINGS].heartbeat_s * 2500) + 2000
@@ -170,10 +179,15 @@ async def _store_and_hub(app: web.Application) -> AsyncIterator[None]:
     await app[AUTH].setup()
     await app[WEBHOOKS].start()
     settings = app[SETTINGS]
+    pauses = collector.PauseTimer(app[STATS])
+    pauses.install()
     tasks = [
         asyncio.create_task(hub.run_heartbeats(settings.heartbeat_s)),
         asyncio.create_task(hub.run_presence(settings.presence_interval_s)),
     ]
+    if settings.gc_freeze_interval_s > 0:
+        freezing = collector.freeze_long_lived(hub, settings.gc_freeze_interval_s)
+        tasks.append(asyncio.create_task(freezing))
     tasks.append(asyncio.create_task(run_timers(store, settings.timer_interval_s)))
     if settings.retention_days > 0:
         tasks.append(asyncio.create_task(prune_forever(store, settings)))
@@ -181,6 +195,7 @@ async def _store_and_hub(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    pauses.remove()
     await app[WEBHOOKS].stop()
     await store.close()
 

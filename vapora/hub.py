@@ -54,6 +54,8 @@ class Hub:
         self._everything: set[Subscriber] = set()
         self._presence_dirty: set[str] = set()
         self._presence_everything = False
+        # Subscribers that have left since start, for the garbage collector.
+        self.left = 0
 
     def subscribe(self, sub: Subscriber) -> None:
         if sub.workflow_id is None:
@@ -65,12 +67,15 @@ class Hub:
 
     def unsubscribe(self, sub: Subscriber) -> None:
         if sub.workflow_id is None:
-            self._everything.discard(sub)
+            if sub in self._everything:
+                self._everything.discard(sub)
+                self.left += 1
             return
         group = self._groups.get(sub.workflow_id)
         if group is None or sub not in group:
             return
         group.discard(sub)
+        self.left += 1
         self._presence_dirty.add(sub.workflow_id)
         if not group:
             del self._groups[sub.workflow_id]

@@ -88,6 +88,16 @@ class VaporaCollector(Collector):
             stats.publish_seconds,
         )
         yield _histogram(
+            "vapora_gc_pause_seconds",
+            "Garbage collections, each a pause of the whole server",
+            stats.gc_pause_seconds,
+        )
+        yield GaugeMetricFamily(
+            "vapora_gc_pause_max_seconds",
+            "Longest garbage-collection pause since start",
+            value=stats.gc_pause_max_seconds,
+        )
+        yield _histogram(
             "vapora_store_write_seconds",
             "One change's transaction in the store",
             stats.store_write_seconds,

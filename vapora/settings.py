@@ -92,6 +92,12 @@ class Settings:
     presence_interval_s: float = setting(
         1.0, "most often the count of watchers is sent to a page", unit="s"
     )
+    gc_freeze_interval_s: float = setting(
+        1.0,
+        "time between freezes of long-lived objects, which keeps garbage "
+        "collections short with many sockets open; 0 never freezes",
+        unit="s",
+    )
     timer_interval_s: float = setting(
         1.0, "time between checks for gate timeouts and stalled workflows", unit="s"
     )

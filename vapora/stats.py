@@ -51,3 +51,5 @@ class Stats:
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)
     publish_seconds: Histogram = field(default_factory=Histogram)
     store_write_seconds: Histogram = field(default_factory=Histogram)
+    gc_pause_seconds: Histogram = field(default_factory=Histogram)
+    gc_pause_max_seconds: float = 0.0

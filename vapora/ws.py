@@ -130,7 +130,21 @@ async def _serve(
     finally:
         hub.unsubscribe(sub)
         sub.stop()
+        release_connection(request)
     return ws
+
+
+def release_connection(request: web.Request) -> None:
+    """Break the cycle aiohttp leaves between a closed socket and its connection.
+
+    The connection's protocol keeps a callback into the WebSocketResponse, whose
+    reader points back at the protocol, so without this every closed socket
+    waits for a full garbage collection to be freed.
+    """
+    # TODO(aiohttp clears _data_received_cb in connection_lost): drop this.
+    protocol = request.protocol
+    if getattr(protocol, "_data_received_cb", None) is not None:
+        protocol._data_received_cb = None
 
 
 async def close_all_sockets(app: web.Application) -> None:
