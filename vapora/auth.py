@@ -81,20 +81,20 @@ class Auth:
 
     async def setup(self) -> None:
         """Load or create the secrets; log a generated admin token once."""
-        secret = await self.store.get_meta("csrf_secret")
-        if secret is None:
-            secret = secrets.token_hex(32)
-            await self.store.set_meta("csrf_secret", secret)
+        # Nodes starting together on a new database must agree on the secret.
+        secret = await self.store.ensure_meta(
+            "csrf_secret", lambda: secrets.token_hex(32)
+        )
         self._secret = bytes.fromhex(secret)
 
         if self.settings.admin_token:
             self._admin_hash = hash_secret(self.settings.admin_token)
             return
-        stored = await self.store.get_meta("admin_token_hash")
-        if stored is None:
-            token = secrets.token_urlsafe(24)
-            stored = hash_secret(token)
-            await self.store.set_meta("admin_token_hash", stored)
+        token = secrets.token_urlsafe(24)
+        stored = await self.store.ensure_meta(
+            "admin_token_hash", lambda: hash_secret(token)
+        )
+        if stored == hash_secret(token):
             logger.warning(
                 "Generated the admin token, shown only this once: %s "
                 "(set VAPORA_ADMIN_TOKEN to choose your own)",

@@ -128,7 +128,7 @@ class Store:
     async def open(self) -> None:
         """Connect, creating or migrating the schema."""
         await self.database.open()
-        self.epoch = await self._ensure_meta("epoch", lambda: secrets.token_hex(8))
+        self.epoch = await self.ensure_meta("epoch", lambda: secrets.token_hex(8))
 
     async def close(self) -> None:
         await self.database.close()
@@ -165,7 +165,7 @@ class Store:
             (key, value),
         )
 
-    async def _ensure_meta(self, key: str, make: Callable[[], str]) -> str:
+    async def ensure_meta(self, key: str, make: Callable[[], str]) -> str:
         """Return the key's value, setting it first if it has none.
 
         Of several processes starting on one database at once, the first to
