@@ -33,9 +33,9 @@ async def readable_workflows(request: web.Request, limit: int) -> list[Workflow]
 
 
 def workflow_response(workflow: Workflow, status: int = 200) -> web.Response:
-    return web.Response(
-        text=workflow_json(workflow), status=status, content_type="application/json"
-    )
+    """Answer with the workflow, and its history only where it was read."""
+    body = workflow_json(workflow, history=bool(workflow.history))
+    return web.Response(text=body, status=status, content_type="application/json")
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

@@ -156,7 +156,8 @@ class Workflow:
     @property
     def step_label(self) -> str:
         if self.current_step == 0:
-            return f"Not started · {self.total_steps} steps"
+            plural = "" if self.total_steps == 1 else "s"
+            return f"Not started · {self.total_steps} step{plural}"
         return f"Step {self.current_step} of {self.total_steps}"
 
     @property
