@@ -357,3 +357,13 @@ async def test_watch_stops_quietly_with_130_on_ctrl_c(
     assert await watcher.exit_code() == 130
     assert watcher.proc.stderr is not None
     assert await watcher.proc.stderr.read() == b""
+
+
+async def test_no_token_says_how_to_give_one(server_process: Any) -> None:
+    server: ServerProcess = server_process()
+    workflow_id = await create(server.url)
+
+    code, out, err = await vapora(server.url, "advance", workflow_id, token="")
+
+    assert (code, out) == (1, "")
+    assert "set VAPORA_TOKEN or pass --token" in err

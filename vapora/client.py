@@ -207,6 +207,8 @@ class Api:
         except (aiohttp.ClientError, TimeoutError) as error:
             raise ApiError(unreachable(self.url, error)) from None
 
+        if status == 401 and not self.headers:
+            raise ApiError("this needs a token: set VAPORA_TOKEN or pass --token")
         if status >= 400:
             raise ApiError(error_message(url, status, reason, text))
         try:
