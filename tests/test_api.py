@@ -171,14 +171,12 @@ async def test_message_is_required_and_checked(client: TestClient[Any, Any]) -> 
 
 
 async def test_unknown_workflow_is_a_json_404(client: TestClient[Any, Any]) -> None:
-    for method, path in [
-        ("GET", "/api/workflows/nope"),
-        ("POST", "/api/workflows/nope/advance"),
-        ("POST", "/api/workflows/nope/status"),
+    for method, path, body in [
+        ("GET", "/api/workflows/nope", None),
+        ("POST", "/api/workflows/nope/advance", {}),
+        ("POST", "/api/workflows/nope/status", {"status": "paused"}),
     ]:
-        response = await client.request(
-            method, path, json={"status": "paused"}, headers=AUTH
-        )
+        response = await client.request(method, path, json=body, headers=AUTH)
         assert response.status == 404, path
         assert (await response.json())["error"]["code"] == "not_found"
 
@@ -198,3 +196,20 @@ async def test_pages_send_security_headers(client: TestClient[Any, Any]) -> None
     assert "frame-ancestors 'none'" in csp
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Referrer-Policy"] == "same-origin"
+
+
+async def test_an_unknown_field_is_a_400_naming_it(
+    client: TestClient[Any, Any],
+) -> None:
+    response = await client.post(
+        "/api/workflows",
+        json={"name": "x", "steps": ["a"], "stall_after": 60},
+        headers=AUTH,
+    )
+
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["field"] == "stall_after"
+    assert "stall_after_s" in error["message"]
+    listing = await (await client.get("/api/workflows")).json()
+    assert listing["workflows"] == []

@@ -38,8 +38,8 @@ def workflow_response(workflow: Workflow, status: int = 200) -> web.Response:
     return web.Response(text=body, status=status, content_type="application/json")
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """Return the request's JSON object; 400 when the body is not one."""
+async def read_json(request: web.Request, *fields: str) -> dict[str, Any]:
+    """Return the request's JSON object of these fields; 400 names anything else."""
     if not request.can_read_body:
         return {}
     try:
@@ -48,6 +48,12 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise InvalidInput(None, "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidInput(None, "the body must be a JSON object")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        expected = ", ".join(fields) or "no fields"
+        raise InvalidInput(
+            unknown[0], f"unknown field {unknown[0]!r}; expected {expected}"
+        )
     return body
 
 
@@ -55,7 +61,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 async def create_workflow(request: web.Request) -> web.Response:
     """Create a workflow from {name, steps, message?}; 400 names the field; 401, 403."""
     actor = await request.app[AUTH].require_publish(request, None)
-    body = await read_json(request)
+    body = await read_json(request, "name", "steps", "message", "stall_after_s")
 
     workflow = await request.app[STORE].create_workflow(
         body.get("name"),
@@ -102,7 +108,7 @@ async def advance(request: web.Request) -> web.Response:
     actor = await request.app[AUTH].require_publish(
         request, request.match_info["workflow_id"]
     )
-    body = await read_json(request)
+    body = await read_json(request, "message")
 
     workflow = await request.app[STORE].advance(
         request.match_info["workflow_id"], actor, body.get("message")
@@ -116,7 +122,7 @@ async def set_status(request: web.Request) -> web.Response:
     actor = await request.app[AUTH].require_publish(
         request, request.match_info["workflow_id"]
     )
-    body = await read_json(request)
+    body = await read_json(request, "status", "message", "reopen")
     status = clean_status(body.get("status"))
     reopen = body.get("reopen", False)
     if not isinstance(reopen, bool):
@@ -139,7 +145,7 @@ async def answer_gate(request: web.Request) -> web.Response:
     auth = request.app[AUTH]
     workflow_id = request.match_info["workflow_id"]
     actor = await auth.require_gate(request, workflow_id)
-    body = await read_json(request)
+    body = await read_json(request, "decision", "comment")
 
     workflow = await request.app[STORE].answer_gate(
         workflow_id, body.get("decision"), actor, body.get("comment")
@@ -153,7 +159,7 @@ async def set_message(request: web.Request) -> web.Response:
     actor = await request.app[AUTH].require_publish(
         request, request.match_info["workflow_id"]
     )
-    body = await read_json(request)
+    body = await read_json(request, "message")
     if "message" not in body:
         raise InvalidInput("message", "message is required")
 
@@ -167,7 +173,7 @@ async def set_message(request: web.Request) -> web.Response:
 async def reset(request: web.Request) -> web.Response:
     """Send the workflow back to step 0 on purpose; admin only (401, 403), 404."""
     actor = await request.app[AUTH].require_admin(request)
-    body = await read_json(request)
+    body = await read_json(request, "message")
 
     workflow = await request.app[STORE].reset(
         request.match_info["workflow_id"], actor, body.get("message")
@@ -199,7 +205,7 @@ async def history(request: web.Request) -> web.Response:
 async def create_token(request: web.Request) -> web.Response:
     """Make a token from {name, scope, workflow_id?}; admin only; 400 names a field."""
     await request.app[AUTH].require_admin(request)
-    body = await read_json(request)
+    body = await read_json(request, "name", "scope", "workflow_id")
     scope = clean_scope(body.get("scope"))
     workflow_id = body.get("workflow_id")
     if workflow_id is not None and not isinstance(workflow_id, str):
@@ -241,7 +247,7 @@ def token_json(token: Token) -> dict[str, Any]:
 async def create_webhook(request: web.Request) -> web.Response:
     """Add a webhook from {url, events?}; answers its secret once; admin; 400."""
     await request.app[AUTH].require_admin(request)
-    body = await read_json(request)
+    body = await read_json(request, "url", "events")
 
     hook = await request.app[WEBHOOKS].create(body.get("url"), body.get("events"))
 
