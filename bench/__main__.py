@@ -20,7 +20,7 @@ from typing import Any
 from .gcprobe import raise_open_file_limit
 from .report import machine, render
 from .run import DurableResult, RunResult, run_durable, run_size, wait_for_quiet
-from .servers import start_fanout, start_vapora
+from .servers import start_fanout, start_vapora, start_vapora_nodes
 
 BENCH_DIR = Path(__file__).resolve().parent
 STANDARD_SIZES = (1000, 5000, 10000, 19500)
@@ -59,6 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--servers", default="vapora,fanout", help="which servers to measure"
     )
     parser.add_argument(
+        "--nodes",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2 also runs each size against two Vapora processes on one SQLite "
+        "file, joined by a throwaway redis-server",
+    )
+    parser.add_argument(
         "--quiet-wait-s",
         type=float,
         default=20.0,
@@ -90,6 +98,26 @@ def pin_cores(no_pin: bool) -> tuple[int | None, bool]:
         return None, False
     os.sched_setaffinity(0, {GENERATOR_CPU})
     return SERVER_CPU, True
+
+
+def node_cpus(pinned: bool, count: int) -> list[int | None]:
+    """The core of each node: one each when pinning, none otherwise."""
+    return [SERVER_CPU, GENERATOR_CPU][:count] if pinned else [None] * count
+
+
+class Unpinned:
+    """While a multi-node run lasts, let the generator run on any core."""
+
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+
+    def __enter__(self) -> None:
+        if self.pinned:
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pinned:
+            os.sched_setaffinity(0, {GENERATOR_CPU})
 
 
 def say(text: str) -> None:
@@ -140,6 +168,31 @@ async def measure(args: argparse.Namespace, server_cpu: int | None) -> dict[str,
                     )
                 finally:
                     server.stop()
+                runs.append(result)
+                say(describe(result))
+            if args.nodes > 1:
+                await wait_for_quiet(args.quiet_wait_s)
+                pinned = server_cpu is not None
+                with Unpinned(pinned):
+                    cluster = start_vapora_nodes(
+                        Path(scratch) / f"vapora-{args.nodes}nodes-{size}",
+                        ADMIN_TOKEN,
+                        node_cpus(pinned, args.nodes),
+                        size + 1000,
+                    )
+                    try:
+                        result = await run_size(
+                            cluster,
+                            ADMIN_TOKEN,
+                            size,
+                            args.per_workflow,
+                            args.changes,
+                            args.rate,
+                            args.message_bytes,
+                            args.profile,
+                        )
+                    finally:
+                        cluster.stop()
                 runs.append(result)
                 say(describe(result))
         for name in names if args.durable_s > 0 else []:

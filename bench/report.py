@@ -260,6 +260,8 @@ def render(
     """Return the whole RESULTS.md text."""
     fanout = {r.subscribers: r for r in runs if r.server == "fanout"}
     vapora = [r for r in runs if r.server == "vapora"]
+    single = {r.subscribers: r for r in vapora}
+    several = [r for r in runs if r.nodes > 1]
     lines = [
         "# Benchmark results",
         "",
@@ -287,6 +289,8 @@ def render(
             *(row(r, fanout.get(r.subscribers)) for r in vapora),
             "",
         ]
+    if several:
+        lines += two_nodes(several, single, about["pinned"])
     if fanout:
         lines += [
             "## The minimal fan-out",
@@ -329,6 +333,40 @@ def render(
         *notes(runs),
     ]
     return "\n".join(lines)
+
+
+def two_nodes(
+    several: list[RunResult], single: dict[int, RunResult], pinned: bool
+) -> list[str]:
+    """The table of the runs on several Vapora processes, beside one process's."""
+    count = several[0].nodes
+    broker = "; ".join(
+        f"{num(r.broker_cpu_s * 1e6 / max(1, r.deliveries), 1)} µs per delivery "
+        f"at N = {r.subscribers:,}"
+        for r in several
+    )
+    return [
+        "## Two nodes" if count == 2 else f"## {count} nodes",
+        "",
+        f"Vapora as {count} processes on one SQLite file, joined by a throwaway "
+        "redis-server on 127.0.0.1. Subscribers alternate between the nodes, and "
+        "so do the changes, through each node's API; every workflow has "
+        "subscribers and changes on each node. Memory, CPU and GC pauses are "
+        "those of all the nodes together (summed; the longest pause of any). "
+        + (
+            "Node A pinned to core 0, node B to core 1; the load generator and "
+            "Redis not pinned."
+            if pinned
+            else "Processes not pinned to cores."
+        )
+        + f" Redis itself used {broker} (not in the table).",
+        "",
+        "In brackets: the ratio to one Vapora process under the same load.",
+        "",
+        HEADER,
+        *(row(r, single.get(r.subscribers)) for r in several),
+        "",
+    ]
 
 
 def notes(runs: list[RunResult]) -> list[str]:

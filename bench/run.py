@@ -13,7 +13,7 @@ from typing import Any
 
 from .clients import HttpConnection, Subscriber, Tally, open_subscriber, stamped_message
 from .profiling import Profiler
-from .servers import Server, machine_busy_s
+from .servers import Nodes, Server, machine_busy_s
 
 HOST = "127.0.0.1"
 CONNECTS_IN_FLIGHT = 100
@@ -87,6 +87,10 @@ class RunResult:
     slowest: list[tuple[float, float]]
     # (ms after publishing began, frames) of each burst of heartbeats.
     heartbeat_bursts: list[tuple[float, int]]
+    # With several nodes: how many, and the broker's CPU over the same window
+    # (not in server_cpu_s).
+    nodes: int = 1
+    broker_cpu_s: float = 0.0
 
     @property
     def mem_per_conn_kb(self) -> float:
@@ -207,15 +211,28 @@ async def create_workflows(port: int, token: str, count: int) -> list[str]:
     return ids
 
 
+def node_port(ports: list[int], number: int, workflows: int) -> int:
+    """The port of the node for the number-th subscriber or change.
+
+    Item number is for workflow number mod W; successive items of one workflow
+    alternate between the nodes, so every workflow has subscribers and changes on
+    each of them.
+    """
+    return ports[(number // max(1, workflows)) % len(ports)]
+
+
 async def connect_all(
-    port: int, ids: list[str], count: int, tally: Tally
+    ports: list[int], ids: list[str], count: int, tally: Tally
 ) -> tuple[list[Subscriber], list[str]]:
-    """Open count subscribers spread evenly over ids; return them and the failures."""
+    """Open count subscribers spread evenly over ids (and over the nodes' ports);
+    return them and the failures."""
     gate = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
     subscribers: list[Subscriber] = []
     failures: list[str] = []
 
-    async def connect(workflow_id: str) -> None:
+    async def connect(number: int) -> None:
+        workflow_id = ids[number % len(ids)]
+        port = node_port(ports, number, len(ids))
         async with gate:
             try:
                 sub = await open_subscriber(
@@ -226,12 +243,12 @@ async def connect_all(
             else:
                 subscribers.append(sub)
 
-    await asyncio.gather(*(connect(ids[i % len(ids)]) for i in range(count)))
+    await asyncio.gather(*(connect(i) for i in range(count)))
     return subscribers, failures
 
 
 async def publish_steady(
-    port: int,
+    port: int | list[int],
     token: str,
     ids: list[str],
     count: int,
@@ -239,16 +256,25 @@ async def publish_steady(
     message_bytes: int,
     connections: int = PUBLISHERS,
 ) -> Published:
-    """Publish count messages, round robin over ids, starting one every 1/rate s."""
+    """Publish count messages, round robin over ids, starting one every 1/rate s.
+
+    With several ports (nodes), the connections are shared out between them, and
+    successive changes of a workflow go through the nodes in turn.
+    """
+    ports = port if isinstance(port, list) else [port]
     published = Published()
-    pool: asyncio.Queue[HttpConnection] = asyncio.Queue()
-    for _ in range(connections):
-        pool.put_nowait(HttpConnection(HOST, port, token))
+    pools: dict[int, asyncio.Queue[HttpConnection]] = {}
+    for each in ports:
+        pools[each] = asyncio.Queue()
+        for _ in range(max(1, connections // len(ports))):
+            pools[each].put_nowait(HttpConnection(HOST, each, token))
 
     def body(sent_ns: int) -> bytes:
         return json.dumps({"message": stamped_message(sent_ns, message_bytes)}).encode()
 
-    async def publish(workflow_id: str) -> None:
+    async def publish(number: int) -> None:
+        workflow_id = ids[number % len(ids)]
+        pool = pools[node_port(ports, number, len(ids))]
         conn = await pool.get()
         path = f"/api/workflows/{workflow_id}/message"
         try:
@@ -274,11 +300,12 @@ async def publish_steady(
             await asyncio.sleep(delay)
         elif -delay * 1e9 > LATE_START_NS:
             published.late_starts += 1
-        tasks.append(loop.create_task(publish(ids[number % len(ids)])))
+        tasks.append(loop.create_task(publish(number)))
     await asyncio.gather(*tasks)
     published.elapsed_s = loop.time() - started
-    while not pool.empty():
-        pool.get_nowait().close()
+    for pool in pools.values():
+        while not pool.empty():
+            pool.get_nowait().close()
     return published
 
 
@@ -345,7 +372,7 @@ def longest(pauses: list[Pause] | None, field: int = 1) -> float | None:
 
 
 async def run_size(
-    server: Server,
+    server: Server | Nodes,
     token: str,
     subscribers: int,
     per_workflow: int,
@@ -356,6 +383,8 @@ async def run_size(
 ) -> RunResult:
     """Connect, idle, publish and drain against a fresh server; measure it all."""
     port = server.port
+    ports = server.ports if isinstance(server, Nodes) else [port]
+    broker = server.broker if isinstance(server, Nodes) else None
     profiler = Profiler(profile, server.proc.pid, f"{server.name}-{subscribers}")
     workflows = max(1, subscribers // per_workflow)
     ids = await create_workflows(port, token, workflows)
@@ -367,7 +396,7 @@ async def run_size(
     profiler.start("connect")
     connect_ns = time.perf_counter_ns()
     cpu_before_connect = time.process_time()
-    subs, failures = await connect_all(port, ids, subscribers, tally)
+    subs, failures = await connect_all(ports, ids, subscribers, tally)
     profiler.stop()
     connect_s = (time.perf_counter_ns() - connect_ns) / 1e9
     generator_connect_cpu = time.process_time() - cpu_before_connect
@@ -388,13 +417,17 @@ async def run_size(
     try:
         publish_ns = time.perf_counter_ns()
         server_cpu = server.cpu_s()
+        broker_cpu = broker.cpu_s() if broker else 0.0
         generator_cpu = time.process_time()
         machine_busy = machine_busy_s()
-        published = await publish_steady(port, token, ids, changes, rate, message_bytes)
+        published = await publish_steady(
+            ports, token, ids, changes, rate, message_bytes
+        )
         expected = sum(len(published.acked.get(s.workflow_id, ())) for s in subs)
         await wait_for_deliveries(tally, expected, DRAIN_TIMEOUT_S)
         end_ns = time.perf_counter_ns()
         server_cpu = server.cpu_s() - server_cpu
+        broker_cpu = (broker.cpu_s() if broker else 0.0) - broker_cpu
         generator_cpu = time.process_time() - generator_cpu
         machine_busy = machine_busy_s() - machine_busy
     finally:
@@ -443,13 +476,17 @@ async def run_size(
         generator_connect_cpu_pct=generator_connect_cpu * 100 / max(connect_s, 1e-9),
         generator_publish_cpu_pct=generator_cpu * 100 / window_s,
         generator_max_lag_ms=lag.max_s * 1000,
-        other_cpu_pct=(machine_busy - server_cpu - generator_cpu) * 100 / window_s,
+        other_cpu_pct=(machine_busy - server_cpu - broker_cpu - generator_cpu)
+        * 100
+        / window_s,
         heartbeats=tally.heartbeats,
         pings=tally.pings,
         other_frames=dict(tally.other_frames),
         slow_callbacks_publishing=slow_window(probe, publish_ns, end_ns),
         slowest=slowest(tally, publish_ns),
         heartbeat_bursts=bursts(tally.heartbeats_ns, publish_ns),
+        nodes=len(ports),
+        broker_cpu_s=broker_cpu,
     )
 
 

@@ -6,15 +6,20 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .gcprobe import GC_FILE_VARIABLE, read_pauses
+
+REDIS_SERVER = "/usr/bin/redis-server"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 URL_LINE = re.compile(r"serving (http://127\.0\.0\.1:\d+)")
@@ -129,9 +134,14 @@ def start(
 
 
 def start_vapora(
-    folder: Path, admin_token: str, cpu: int | None, max_connections: int
+    folder: Path,
+    admin_token: str,
+    cpu: int | None,
+    max_connections: int,
+    db: Path | None = None,
+    broker: str = "",
 ) -> Server:
-    """Start `vapora serve` on a free port with a fresh database in folder."""
+    """Start `vapora serve` on a free port, on db (a fresh one in folder if None)."""
     folder.mkdir(parents=True, exist_ok=True)
     env = {
         "VAPORA_ADMIN_TOKEN": admin_token,
@@ -139,7 +149,10 @@ def start_vapora(
         "VAPORA_RETENTION_DAYS": "0",
     }
     command = [sys.executable, "-m", "bench.gcprobe", "serve"]
-    command += ["--host", "127.0.0.1", "--port", "0", "--db", str(folder / "v.db")]
+    command += ["--host", "127.0.0.1", "--port", "0"]
+    command += ["--db", str(db or folder / "v.db")]
+    if broker:
+        command += ["--broker", broker]
     return start("vapora", command, folder, env, cpu)
 
 
@@ -148,3 +161,159 @@ def start_fanout(folder: Path, cpu: int | None) -> Server:
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "bench.fanout", "--host", "127.0.0.1"]
     return start("fanout", [*command, "--port", "0"], folder, {}, cpu)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def process_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of every thread of a process so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+@dataclass
+class Broker:
+    """A throwaway redis-server on 127.0.0.1 that keeps nothing on disk."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.proc.pid)
+
+    def stop(self, timeout_s: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_redis(folder: Path) -> Broker:
+    """Start redis-server on a free port and wait until it answers PING."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1"]
+    command += ["--save", "", "--appendonly", "no", "--dir", str(folder)]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return Broker(proc, port)
+        except OSError:
+            pass
+        time.sleep(0.1)
+    broker = Broker(proc, port)
+    broker.stop()
+    raise RuntimeError(f"redis-server on port {port} did not start")
+
+
+def wait_ready(url: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Wait until GET /readyz answers 200 (the node is connected to its broker)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+                last = str(answer.status)
+        except urllib.error.HTTPError as error:
+            last = f"{error.code}: {error.read()[:200]!r}"
+        except OSError as error:
+            last = str(error)
+        time.sleep(0.1)
+    raise RuntimeError(f"{url}/readyz never answered 200 ({last})")
+
+
+@dataclass
+class Nodes:
+    """Several `vapora serve` processes on one SQLite file, joined by a broker.
+
+    It answers like one Server: memory and CPU are summed over the nodes, and
+    the GC record merges theirs. `port` is the first node's; `ports` all of them.
+    """
+
+    name: str
+    nodes: list[Server]
+    broker: Broker
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0].port
+
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        return self.nodes[0].proc
+
+    def rss_kib(self) -> int:
+        return sum(node.rss_kib() for node in self.nodes)
+
+    def cpu_s(self) -> float:
+        return sum(node.cpu_s() for node in self.nodes)
+
+    def gc_pauses(self, written_after_ns: int) -> dict[str, Any] | None:
+        records = [node.gc_pauses(written_after_ns) for node in self.nodes]
+        if any(record is None for record in records):
+            return None
+        merged = dict(records[0] or {})
+        for key in ("long_pauses", "slow_callbacks"):
+            merged[key] = sorted(item for r in records for item in (r or {})[key])
+        return merged
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.broker.stop()
+
+
+def start_vapora_nodes(
+    folder: Path,
+    admin_token: str,
+    cpus: list[int | None],
+    max_connections: int,
+) -> Nodes:
+    """Start a redis-server, then one Vapora node per entry of cpus on one file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    broker = start_redis(folder / "redis")
+    nodes: list[Server] = []
+    try:
+        for number, cpu in enumerate(cpus):
+            nodes.append(
+                start_vapora(
+                    folder / f"node{number}",
+                    admin_token,
+                    cpu,
+                    max_connections,
+                    db=folder / "v.db",
+                    broker=broker.url,
+                )
+            )
+        for node in nodes:
+            wait_ready(node.url)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        broker.stop()
+        raise
+    return Nodes(f"vapora-{len(cpus)}nodes", nodes, broker)

@@ -59,3 +59,55 @@ def test_benchmark_delivers_every_change_once_in_order_and_reports(
     text = report.read_text()
     assert "| 200 | 20 |" in text
     assert "## Targets" in text
+
+
+def test_benchmark_on_two_nodes_delivers_every_change_and_reports(
+    tmp_path: Path,
+) -> None:
+    report, figures = tmp_path / "RESULTS.md", tmp_path / "results.json"
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--sizes",
+            "100",
+            "--changes",
+            "100",
+            "--servers",
+            "vapora",
+            "--nodes",
+            "2",
+            "--durable-s",
+            "0",
+            "--no-pin",
+            "--quiet-wait-s",
+            "0",
+            "--output",
+            str(report),
+            "--json",
+            str(figures),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    data = json.loads(figures.read_text())
+    assert [(r["server"], r["nodes"]) for r in data["runs"]] == [
+        ("vapora", 1),
+        ("vapora-2nodes", 2),
+    ]
+    for run in data["runs"]:
+        assert run["connect_failures"] == 0, run["publish_errors"]
+        assert run["changes"] == 100, run["publish_errors"]
+        assert run["deliveries"] == run["expected"] == 100 * 10
+        assert (run["lost"], run["duplicated"], run["out_of_order"]) == (0, 0, 0)
+        assert run["unexpected"] == 0
+        assert run["protocol_errors"] == []
+    text = report.read_text()
+    assert "## Two nodes" in text
+    assert text.count("| 100 | 10 |") == 2
