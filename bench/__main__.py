@@ -102,7 +102,8 @@ def pin_cores(no_pin: bool) -> tuple[int | None, bool]:
 
 def node_cpus(pinned: bool, count: int) -> list[int | None]:
     """The core of each node: one each when pinning, none otherwise."""
-    return [SERVER_CPU, GENERATOR_CPU][:count] if pinned else [None] * count
+    cores: list[int | None] = [SERVER_CPU, GENERATOR_CPU]
+    return cores[:count] if pinned else [None] * count
 
 
 class Unpinned:
@@ -144,6 +145,20 @@ async def measure(args: argparse.Namespace, server_cpu: int | None) -> dict[str,
     names = [s for s in args.servers.split(",") if s]
     runs: list[RunResult] = []
     durables: list[DurableResult] = []
+
+    async def load(server: Any, size: int) -> RunResult:
+        """Put the standard load of this size on a started server."""
+        return await run_size(
+            server,
+            ADMIN_TOKEN,
+            size,
+            args.per_workflow,
+            args.changes,
+            args.rate,
+            args.message_bytes,
+            args.profile,
+        )
+
     with tempfile.TemporaryDirectory(prefix="vapora-bench-") as scratch:
         for size in sizes:
             for name in names:
@@ -156,16 +171,7 @@ async def measure(args: argparse.Namespace, server_cpu: int | None) -> dict[str,
                 else:
                     server = start_fanout(folder, server_cpu)
                 try:
-                    result = await run_size(
-                        server,
-                        ADMIN_TOKEN,
-                        size,
-                        args.per_workflow,
-                        args.changes,
-                        args.rate,
-                        args.message_bytes,
-                        args.profile,
-                    )
+                    result = await load(server, size)
                 finally:
                     server.stop()
                 runs.append(result)
@@ -181,16 +187,7 @@ async def measure(args: argparse.Namespace, server_cpu: int | None) -> dict[str,
                         size + 1000,
                     )
                     try:
-                        result = await run_size(
-                            cluster,
-                            ADMIN_TOKEN,
-                            size,
-                            args.per_workflow,
-                            args.changes,
-                            args.rate,
-                            args.message_bytes,
-                            args.profile,
-                        )
+                        result = await load(cluster, size)
                     finally:
                         cluster.stop()
                 runs.append(result)

@@ -211,7 +211,8 @@
       if (!step.gate.decision) return "needs approval from " + gateWho(step.gate);
       return step.gate.decision + " by " + step.gate.decided_by + ": " + step.gate.comment;
     }
-    if (medians[step.name] !== undefined) return "usually " + formatDuration(medians[step.name] * 1000);
+    var usual = medians[step.name];
+    if (usual !== undefined) return "usually " + formatDuration(usual * 1000);
     return "";
   }
 
@@ -310,7 +311,8 @@
   function notifyIfWanted(state) {
     if (!window.Notification || Notification.permission !== "granted") return;
     if (NOTIFY_ON.indexOf(state.status) < 0) return;
-    new Notification(state.name + ": " + state.badge_label, { body: state.message || state.step_label });
+    var title = state.name + ": " + state.badge_label;
+    new Notification(title, { body: state.message || state.step_label });
   }
 
   if (notifyButton && window.Notification && Notification.permission !== "denied") {
@@ -389,7 +391,9 @@
     seq = frame.seq;
     applySummary(document, frame);
     applySteps(frame.steps);
-    prependHistory({ seq: frame.seq, at: frame.timestamp, actor: frame.actor, summary: frame.summary });
+    prependHistory({
+      seq: frame.seq, at: frame.timestamp, actor: frame.actor, summary: frame.summary,
+    });
     applyState(frame);
   }
 

@@ -188,16 +188,7 @@ async def history(request: web.Request) -> web.Response:
     workflow = await request.app[STORE].get_workflow(
         request.match_info["workflow_id"], history=200
     )
-    events = [
-        {
-            "seq": e.seq,
-            "kind": e.kind,
-            "actor": e.actor,
-            "at": e.at,
-            "summary": e.summary,
-        }
-        for e in workflow.history
-    ]
+    events = [e.as_dict() for e in workflow.history]
     return web.json_response({"workflow_id": workflow.id, "events": events})
 
 

@@ -20,16 +20,7 @@ HISTORY_IN_SNAPSHOT = 50  # as many as the page shows
 def workflow_json(workflow: Workflow, history: bool = True) -> str:
     state: dict[str, Any] = workflow.state()
     if history:
-        state["history"] = [
-            {
-                "seq": e.seq,
-                "kind": e.kind,
-                "actor": e.actor,
-                "at": e.at,
-                "summary": e.summary,
-            }
-            for e in workflow.history
-        ]
+        state["history"] = [e.as_dict() for e in workflow.history]
     return json.dumps(state, ensure_ascii=False, separators=(",", ":"))
 
 

@@ -373,6 +373,16 @@ class Event:
     at: str
     summary: str
 
+    def as_dict(self) -> dict[str, Any]:
+        """The event as the history lists it, without its workflow's id."""
+        return {
+            "seq": self.seq,
+            "kind": self.kind,
+            "actor": self.actor,
+            "at": self.at,
+            "summary": self.summary,
+        }
+
 
 def summarize(kind: str, wf: Workflow, message_changed: bool) -> str:
     """Describe a change in a few words for the history."""
