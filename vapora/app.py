@@ -17,11 +17,13 @@ from aiohttp import web
 from . import admin, admin_access, api, collector, metrics, pages, sse, ws
 from .admission import OPEN_CONNECTIONS
 from .app_keys import AUTH, HUB, SETTINGS, STATS, STORE, WEBHOOKS
-from .auth import Auth, csrf_cookie_middleware
+from .auth import Auth
 from .hub import Hub
 from .middleware import (
+    csrf_cookie_middleware,
     error_middleware,
     forwarded_middleware,
+    is_api,
     security_headers_middleware,
 )
 from .model import utc_now
@@ -53,8 +55,7 @@ async def template_context(request: web.Request) -> dict[str, Any]:
     reference cycle (the context holds the request) that would keep a socket's
     connection alive after it closes, until a full garbage collection.
     """
-    path = request.path.removeprefix(request.app[SETTINGS].base_path)
-    if path.startswith("/api/"):
+    if is_api(request):
         return {}
     auth = request.app[AUTH]
     # A client that hears nothing for this long treats its link as dead.

@@ -8,7 +8,6 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
@@ -28,8 +27,6 @@ ADMIN = Principal("admin", Scope.ADMIN)
 # A CSRF seed made for this request, before its cookie reaches the browser.
 NEW_CSRF_SEED = web.RequestKey("new_csrf_seed", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class FailureThrottle:
@@ -269,25 +266,3 @@ class Auth:
             raise Forbidden(
                 CSRF_FIELD, "the form has expired or came from another site; reload it"
             )
-
-
-@web.middleware
-async def csrf_cookie_middleware(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
-    """Give each browser a random CSRF seed cookie on its first page."""
-    new_seed = None
-    if CSRF_COOKIE not in request.cookies and request.method == "GET":
-        new_seed = secrets.token_urlsafe(24)
-        request[NEW_CSRF_SEED] = new_seed
-    response = await handler(request)
-    if new_seed is not None and not response.prepared:
-        response.set_cookie(
-            CSRF_COOKIE,
-            new_seed,
-            httponly=True,
-            samesite="Strict",
-            secure=request.secure,
-            path="/",
-        )
-    return response

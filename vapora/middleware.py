@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 
 import aiohttp_jinja2
 from aiohttp import web
 
 from .app_keys import SETTINGS
+from .auth import CSRF_COOKIE, NEW_CSRF_SEED
 from .errors import TooManyRequests, VaporaError
 
 logger = logging.getLogger(__name__)
@@ -46,10 +48,15 @@ def _is_address(text: str) -> bool:
     return True
 
 
-def wants_json(request: web.Request) -> bool:
+def is_api(request: web.Request) -> bool:
+    """Whether the request is for the API (and sockets), not for a page."""
     path = request.path.removeprefix(request.app[SETTINGS].base_path)
+    return path.startswith("/api/")
+
+
+def wants_json(request: web.Request) -> bool:
     accept = request.headers.get("Accept", "")
-    return path.startswith("/api/") or accept.startswith("application/json")
+    return is_api(request) or accept.startswith("application/json")
 
 
 def error_response(
@@ -110,4 +117,27 @@ async def security_headers_middleware(
         headers.setdefault("X-Content-Type-Options", "nosniff")
         headers.setdefault("Referrer-Policy", "same-origin")
         headers.setdefault("X-Frame-Options", "DENY")
+    return response
+
+
+@web.middleware
+async def csrf_cookie_middleware(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """Give each browser a random CSRF seed cookie on its first page."""
+    new_seed = None
+    wants_page = request.method == "GET" and not is_api(request)
+    if CSRF_COOKIE not in request.cookies and wants_page:
+        new_seed = secrets.token_urlsafe(24)
+        request[NEW_CSRF_SEED] = new_seed
+    response = await handler(request)
+    if new_seed is not None and not response.prepared:
+        response.set_cookie(
+            CSRF_COOKIE,
+            new_seed,
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+            path="/",
+        )
     return response
