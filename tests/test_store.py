@@ -347,6 +347,49 @@ async def test_two_stores_on_one_database_share_seqs_and_epoch(db: str) -> None:
         await second.close()
 
 
+async def test_a_change_waits_for_another_writer_without_holding_the_loop(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "v.db")
+    await store.open()
+    wf = await store.create_workflow("Shared file", ["a", "b"], "admin")
+    other = sqlite3.connect(tmp_path / "v.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writing
+    try:
+        change = asyncio.create_task(store.advance(wf.id, "admin"))
+        # The loop goes on while the change waits: this timeout can fire.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(change), 0.3)
+        other.execute("COMMIT")
+
+        assert (await change).current_step == 1
+        assert [e.seq for e in await store.history(wf.id, 5)] == [2, 1]
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_the_log_file_stays_bounded_under_steady_writes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "v.db")
+    await store.open()
+    wf = await store.create_workflow("Steady", ["a"], "admin")
+    log = tmp_path / "v.db-wal"
+    try:
+        for batch in range(80):
+            await asyncio.gather(
+                *(
+                    store.set_message(wf.id, f"{batch} {i} " + "x" * 1000, "admin")
+                    for i in range(100)
+                )
+            )
+        changes = (await store.get_workflow(wf.id)).seq
+        # Each change writes at least two pages: its workflow's and its event's.
+        # The log would hold them all if it never started over.
+        assert log.stat().st_size < changes * 2 * 4096
+    finally:
+        await store.close()
+
+
 async def test_a_file_from_a_newer_release_is_refused(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "new.db")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")

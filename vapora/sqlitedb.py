@@ -1,13 +1,27 @@
-"""SQLite: writes on a thread of their own, reads beside them through aiosqlite.
+"""SQLite: changes committed on the event loop, reads beside them through aiosqlite.
 
-Each change runs as a single call on the writer's thread that holds the whole
-transaction: BEGIN IMMEDIATE, read, check the rules, write, commit. Taking the
-write lock before reading is what lets several processes share one file.
+Each change is one transaction: BEGIN IMMEDIATE, read, check the rules, write,
+commit. Taking the write lock before reading is what lets several processes
+share one file. In WAL mode with synchronous=NORMAL a commit appends a few pages
+to the log and does not wait for the disk, so it runs on the event loop itself,
+which is cheaper and steadier than handing it to a thread. Two things could make
+it wait, and both go to the writer's thread instead:
+
+- another process holding the write lock: the loop's connection never waits
+  for a lock (busy_timeout 0); when the file is busy, the change is run again on
+  the writer's thread, which does wait;
+- copying the log back into the database (a checkpoint, which syncs the file):
+  the loop's connection never checkpoints; the writer's thread does, every
+  CHECKPOINT_EVERY commits, beside the writes.
+
+The server's own records (sessions, tokens, retention) are written on the
+writer's thread too: they are rare, and some are long.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 import time
@@ -23,7 +37,15 @@ from .errors import RuleViolation
 from .schema import NEXT_ACTIVITY
 from .stats import Histogram
 
+logger = logging.getLogger(__name__)
+
 BUSY_TIMEOUT_MS = 5000
+# Commits on the loop between checkpoints. A change writes about five pages,
+# so this stays near SQLite's own default of a checkpoint every 1,000 pages.
+CHECKPOINT_EVERY = 200
+# Pages (frames) in the log past which a checkpoint holds writes back until
+# the log can start over.
+LOG_LIMIT_FRAMES = 4000
 
 T = TypeVar("T")
 
@@ -71,7 +93,8 @@ def _settle(
 
 
 class SqliteDatabase:
-    """One SQLite file in WAL mode: a writer connection on its thread, a reader."""
+    """One SQLite file in WAL mode: a connection for changes on the event loop, a
+    writer connection on its own thread, and a reader through aiosqlite."""
 
     next_activity = NEXT_ACTIVITY
     one_writer = True
@@ -79,33 +102,49 @@ class SqliteDatabase:
     def __init__(self, path: str, write_seconds: Histogram) -> None:
         self.path = path
         self.write_seconds = write_seconds
+        self._inline: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._write_thread: WriterThread | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._since_checkpoint = 0
+        self._checkpoint: asyncio.Task[None] | None = None
+        self._log_full = False
 
     async def open(self) -> None:
         self._write_thread = WriterThread()
-        self._writer = await self._in_writer(self._connect_writer)
+        self._writer = await self._in_writer(
+            lambda: self._connect(BUSY_TIMEOUT_MS, check_same_thread=False)
+        )
         await self._in_writer(
             lambda: schema.migrate(self.writer, self.path, BUSY_TIMEOUT_MS)
         )
+        self._inline = self._connect(0, check_same_thread=True)
+        self._inline.execute("PRAGMA wal_autocheckpoint = 0")
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         self._reader.row_factory = aiosqlite.Row
         await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     async def close(self) -> None:
+        if self._checkpoint is not None:
+            await asyncio.wait([self._checkpoint])
         if self._reader is not None:
             await self._reader.close()
+        if self._inline is not None:
+            self._inline.close()
         if self._writer is not None:
             await self._in_writer(self._writer.close)
         if self._write_thread is not None:
             self._write_thread.stop()
-        self._reader = self._writer = self._write_thread = None
+        self._reader = self._inline = self._writer = self._write_thread = None
 
-    def _connect_writer(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+    def _connect(
+        self, busy_timeout_ms: int, check_same_thread: bool
+    ) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=check_same_thread
+        )
         conn.row_factory = sqlite3.Row
-        schema.configure(conn, BUSY_TIMEOUT_MS)
+        schema.configure(conn, busy_timeout_ms)
         return conn
 
     async def _in_writer(self, work: Callable[[], T]) -> T:
@@ -139,12 +178,31 @@ class SqliteDatabase:
         return list(await self.reader.execute_fetchall(sql, params))
 
     async def change(self, lock: Query | None, plan: Plan[T]) -> T:
-        return await self._in_writer(lambda: self._transaction(lock, plan))
+        if self._inline is None:
+            raise RuntimeError("store is not open")
+        if self._log_full:
+            return await self._on_writer_thread(lock, plan)
+        try:
+            result = self._transaction(self._inline, lock, plan)
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+            # Another process is writing: wait for it off the loop.
+            return await self._on_writer_thread(lock, plan)
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= CHECKPOINT_EVERY and self._checkpoint is None:
+            self._since_checkpoint = 0
+            self._checkpoint = asyncio.create_task(self._run_checkpoint())
+        return result
 
-    def _transaction(self, lock: Query | None, plan: Plan[T]) -> T:
-        """On the writer's thread: run the plan in one IMMEDIATE transaction."""
+    async def _on_writer_thread(self, lock: Query | None, plan: Plan[T]) -> T:
+        return await self._in_writer(lambda: self._transaction(self.writer, lock, plan))
+
+    def _transaction(
+        self, conn: sqlite3.Connection, lock: Query | None, plan: Plan[T]
+    ) -> T:
+        """Run the plan in one IMMEDIATE transaction on conn."""
         started = time.monotonic()
-        conn = self.writer
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = None if lock is None else conn.execute(*lock).fetchone()
@@ -159,3 +217,30 @@ class SqliteDatabase:
             raise
         self.write_seconds.observe(time.monotonic() - started)
         return result
+
+    async def _run_checkpoint(self) -> None:
+        """Copy the log back into the database, on the writer's thread.
+
+        A PASSIVE checkpoint copies beside the writes. The log starts over at
+        the first write after a checkpoint has caught up with it, but under
+        steady writes there is always a newer frame by then. So once the log is
+        LOG_LIMIT_FRAMES long, changes queue on the writer's thread behind a
+        RESTART checkpoint, which copies the rest and lets the log start over.
+        """
+        try:
+            frames = await self._in_writer(lambda: self._checkpoint_log("PASSIVE"))
+            if frames >= LOG_LIMIT_FRAMES:
+                self._log_full = True
+                try:
+                    await self._in_writer(lambda: self._checkpoint_log("RESTART"))
+                finally:
+                    self._log_full = False
+        except sqlite3.Error as error:
+            logger.warning("Checkpoint of %s failed: %s", self.path, error)
+        finally:
+            self._checkpoint = None
+
+    def _checkpoint_log(self, mode: str) -> int:
+        """Run one checkpoint; return the frames the log held."""
+        row = self.writer.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return int(row[1])
