@@ -375,8 +375,9 @@ def test_database_of_the_previous_schema_is_migrated(tmp_path: Path) -> None:
         [{"name": "a", "state": "running", "started_at": None, "finished_at": None}]
     )
     conn.execute(
-        "INSERT INTO workflows VALUES ('oldworkflow1', 'Old', 'running', 1, ?, 'hi', "
-        "'2025-01-01T00:00:00.000+00:00', '2025-01-01T00:00:00.000+00:00', 1)",
+        "INSERT INTO workflows (id, name, status, current_step, steps, message, "
+        "created_at, updated_at, seq) VALUES ('oldworkflow1', 'Old', 'running', 1, "
+        "?, 'hi', '2025-01-01T00:00:00.000+00:00', '2025-01-01T00:00:00.000+00:00', 1)",
         (steps,),
     )
     conn.commit()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from vapora.credentials import Credentials, Scope
 from vapora.errors import InvalidInput, NotFound, RuleViolation
 from vapora.model import Status, StepState
-from vapora.schema import PG_SCHEMA_VERSION, SCHEMA_VERSION
+from vapora.schema import MIGRATIONS, PG_SCHEMA_VERSION, SCHEMA_VERSION
 from vapora.store import Change, Store
 from vapora.webhooks import Webhooks
 
@@ -276,6 +277,20 @@ async def test_prune_keeps_only_each_live_workflow_newest_event(store: Store) ->
     assert [e.seq for e in await store.history(running.id, 10)] == [2]
 
 
+async def test_prune_takes_only_events_from_before_the_cutoff(store: Store) -> None:
+    wf = await store.create_workflow("steady", ["a"], "admin")
+    for i in range(6):
+        await store.set_message(wf.id, f"m{i}", "admin")
+    events = await store.history(wf.id, 10)
+    cutoff = events[3].at  # the fourth newest
+
+    await store.prune(cutoff)
+
+    kept = [e.seq for e in await store.history(wf.id, 10)]
+    assert kept == [e.seq for e in events if e.at >= cutoff]
+    assert kept[-1] <= events[3].seq
+
+
 async def test_tokens_and_sessions_are_kept_and_revoked(store: Store) -> None:
     credentials = Credentials(store)
     token, secret = await credentials.create_token("ci", Scope.PUBLISH_ANY)
@@ -386,6 +401,41 @@ async def test_the_log_file_stays_bounded_under_steady_writes(tmp_path: Path) ->
         # Each change writes at least two pages: its workflow's and its event's.
         # The log would hold them all if it never started over.
         assert log.stat().st_size < changes * 2 * 4096
+    finally:
+        await store.close()
+
+
+async def test_events_of_a_file_from_the_previous_release_are_kept_in_order(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "old.db"
+    step = {"name": "a", "state": "running", "started_at": None, "finished_at": None}
+    conn = sqlite3.connect(db)
+    conn.executescript("".join(MIGRATIONS[:3]))
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute(
+        "INSERT INTO workflows (id, name, status, current_step, steps, message, "
+        "created_at, updated_at, seq) VALUES ('old', 'Old', 'running', 0, ?, '', "
+        "'2025-01-01T00:00:00.000+00:00', '2025-01-03T00:00:00.000+00:00', 3)",
+        (json.dumps([step]),),
+    )
+    for seq in (3, 1, 2):  # stored out of order, as the old table allowed
+        conn.execute(
+            "INSERT INTO events VALUES ('old', ?, 'message', 'admin', ?, 's', '{}')",
+            (seq, f"2025-01-0{seq}T00:00:00.000+00:00"),
+        )
+    conn.commit()
+    conn.close()
+
+    store = Store(db)
+    await store.open()
+    try:
+        await store.set_message("old", "new", "admin")
+        assert [e.seq for e in await store.history("old", 10)] == [4, 3, 2, 1]
+
+        await store.prune("2025-01-03T00:00:00.000+00:00")
+
+        assert [e.seq for e in await store.history("old", 10)] == [4, 3]
     finally:
         await store.close()
 

@@ -501,20 +501,29 @@ class Store:
         """Delete what was last changed before older_than; return (workflows, events).
 
         Finished workflows go whole. Of the others, old events go, but never a
-        workflow's newest one, which holds its current state. Work is done in
-        small transactions so writers are never held up for long.
+        workflow's newest one, which holds its current state. Events are kept
+        in the order they happened, so the old ones are those before the first
+        id at or after older_than. Work is done in small transactions so
+        writers are never held up for long.
         """
-        finished = tuple(s.value for s in Status if s.is_final)
+        finished = ", ".join(f"'{s.value}'" for s in Status if s.is_final)
         workflows = await self._prune_batches(
             "DELETE FROM workflows WHERE id IN (SELECT id FROM workflows "
-            "WHERE status IN (?, ?, ?) AND updated_at < ? LIMIT ?)",
-            (*finished, older_than, batch),
-        )
-        events = await self._prune_batches(
-            "DELETE FROM events WHERE (workflow_id, seq) IN ("
-            "SELECT e.workflow_id, e.seq FROM events e JOIN workflows w "
-            "ON w.id = e.workflow_id WHERE e.at < ? AND e.seq < w.seq LIMIT ?)",
+            f"WHERE status IN ({finished}) AND updated_at < ? LIMIT ?)",
             (older_than, batch),
+        )
+        first_kept = await self.fetch_one(
+            "SELECT id FROM events WHERE at >= ? ORDER BY id LIMIT 1", (older_than,)
+        )
+        if first_kept is None:
+            first_kept = await self.fetch_one(
+                "SELECT coalesce(max(id), 0) + 1 FROM events"
+            )
+        events = await self._prune_batches(
+            "DELETE FROM events WHERE id IN (SELECT e.id FROM events e "
+            "JOIN workflows w ON w.id = e.workflow_id "
+            "WHERE e.id < ? AND e.seq < w.seq LIMIT ?)",
+            (first_kept[0], batch),
         )
         await self.execute("DELETE FROM webhook_deliveries WHERE at < ?", (older_than,))
         return workflows, events
