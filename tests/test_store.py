@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from vapora import sqlitedb
 from vapora.credentials import Credentials, Scope
 from vapora.errors import InvalidInput, NotFound, RuleViolation
 from vapora.model import Status, StepState
@@ -384,13 +385,17 @@ async def test_a_change_waits_for_another_writer_without_holding_the_loop(
         await store.close()
 
 
-async def test_the_log_file_stays_bounded_under_steady_writes(tmp_path: Path) -> None:
+async def test_the_log_file_stays_bounded_under_steady_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlitedb, "CHECKPOINT_EVERY", 100)
+    monkeypatch.setattr(sqlitedb, "LOG_LIMIT_FRAMES", 1000)
     store = Store(tmp_path / "v.db")
     await store.open()
     wf = await store.create_workflow("Steady", ["a"], "admin")
     log = tmp_path / "v.db-wal"
     try:
-        for batch in range(80):
+        for batch in range(40):
             await asyncio.gather(
                 *(
                     store.set_message(wf.id, f"{batch} {i} " + "x" * 1000, "admin")

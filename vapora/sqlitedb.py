@@ -40,12 +40,14 @@ from .stats import Histogram
 logger = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
-# Commits on the loop between checkpoints. A change writes about five pages,
-# so this stays near SQLite's own default of a checkpoint every 1,000 pages.
-CHECKPOINT_EVERY = 200
-# Pages (frames) in the log past which a checkpoint holds writes back until
-# the log can start over.
-LOG_LIMIT_FRAMES = 4000
+# Commits on the loop between checkpoints. A change writes about five pages
+# to the log, and a checkpoint copies each page once however often it was
+# written, so fewer, larger checkpoints cost less (SQLite's own default is
+# every 1,000 pages).
+CHECKPOINT_EVERY = 1000
+# Pages (frames) in the log, about 40 MB, past which a checkpoint holds writes
+# back until the log can start over.
+LOG_LIMIT_FRAMES = 10_000
 
 T = TypeVar("T")
 
