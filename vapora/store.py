@@ -512,13 +512,12 @@ class Store:
             f"WHERE status IN ({finished}) AND updated_at < ? LIMIT ?)",
             (older_than, batch),
         )
+        # One read, so that events added meanwhile come after the answer.
         first_kept = await self.fetch_one(
-            "SELECT id FROM events WHERE at >= ? ORDER BY id LIMIT 1", (older_than,)
+            "SELECT coalesce((SELECT id FROM events WHERE at >= ? ORDER BY id "
+            "LIMIT 1), (SELECT coalesce(max(id), 0) + 1 FROM events))",
+            (older_than,),
         )
-        if first_kept is None:
-            first_kept = await self.fetch_one(
-                "SELECT coalesce(max(id), 0) + 1 FROM events"
-            )
         events = await self._prune_batches(
             "DELETE FROM events WHERE id IN (SELECT e.id FROM events e "
             "JOIN workflows w ON w.id = e.workflow_id "
