@@ -353,6 +353,29 @@ async def test_trusted_proxy_gives_the_client_address_and_scheme(
     await other.close()
 
 
+async def test_trusted_proxy_is_believed_under_the_base_path(app_factory: Any) -> None:
+    client = await app_factory(
+        base_path="/vapora", trusted_proxies="127.0.0.1", max_connections_per_address=1
+    )
+    created = await client.post(
+        "/vapora/api/workflows", json={"name": "w", "steps": ["a"]}, headers=AUTH
+    )
+    url = f"/vapora/api/workflows/{(await created.json())['workflow_id']}/updates"
+    first = await client.ws_connect(url, headers={"X-Forwarded-For": "203.0.113.7"})
+
+    other = await client.ws_connect(url, headers={"X-Forwarded-For": "203.0.113.8"})
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(url, headers={"X-Forwarded-For": "203.0.113.7"})
+    login = await client.get(
+        "/vapora/admin/login", headers={"X-Forwarded-Proto": "https"}
+    )
+
+    assert refused.value.status == 429
+    assert login.cookies["vapora_csrf"]["secure"]
+    await first.close()
+    await other.close()
+
+
 async def test_forwarded_headers_from_anyone_else_are_ignored(
     client: TestClient[Any, Any],
 ) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from aiohttp import web
 
@@ -51,9 +49,10 @@ async def admit(request: web.Request, workflow_id: str | None) -> None:
     await auth.require_read(request, workflow_id)
 
 
-@contextmanager
-def counted(request: web.Request) -> Iterator[None]:
-    """Hold one of the client address's connection slots; 429 when none is left."""
+# Two calls rather than a context manager, which would be kept alive, with its
+# generator, for as long as each socket is open.
+def take_slot(request: web.Request) -> None:
+    """Take one of the client address's connection slots; 429 when none is left."""
     address = request.remote or "?"
     counts = request.app[OPEN_CONNECTIONS]
     limit = request.app[SETTINGS].max_connections_per_address
@@ -63,9 +62,12 @@ def counted(request: web.Request) -> Iterator[None]:
             None, f"at most {limit} open connections per address", retry_after_s=5
         )
     counts[address] += 1
-    try:
-        yield
-    finally:
-        counts[address] -= 1
-        if counts[address] <= 0:
-            del counts[address]
+
+
+def free_slot(request: web.Request) -> None:
+    """Give back the slot that take_slot took, once the connection has ended."""
+    address = request.remote or "?"
+    counts = request.app[OPEN_CONNECTIONS]
+    counts[address] -= 1
+    if counts[address] <= 0:
+        del counts[address]

@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import aiohttp_jinja2
 import jinja2
@@ -19,13 +18,7 @@ from .admission import OPEN_CONNECTIONS
 from .app_keys import AUTH, HUB, SETTINGS, STATS, STORE, WEBHOOKS
 from .auth import Auth
 from .hub import Hub
-from .middleware import (
-    csrf_cookie_middleware,
-    error_middleware,
-    forwarded_middleware,
-    is_api,
-    security_headers_middleware,
-)
+from .middleware import request_middleware
 from .model import utc_now
 from .settings import Settings
 from .stats import Stats
@@ -48,39 +41,10 @@ def asset_dir(name: str) -> Path:
     raise RuntimeError(f"cannot find the {name}/ folder next to {PACKAGE_DIR}")
 
 
-async def template_context(request: web.Request) -> dict[str, Any]:
-    """What every page's template gets; nothing for API calls and sockets.
-
-    Those render no page: skipping them saves a CSRF token per request, and a
-    reference cycle (the context holds the request) that would keep a socket's
-    connection alive after it closes, until a full garbage collection.
-    """
-    if is_api(request):
-        return {}
-    auth = request.app[AUTH]
-    # A client that hears nothing for this long treats its link as dead.
-    silence_ms = int(request.app[SETTINGS].heartbeat_s * 2500) + 2000
-    return {
-        "csrf_token": auth.csrf_token(request),
-        "request": request,
-        "silence_ms": silence_ms,
-    }
-
-
 def create_app(settings: Settings) -> web.Application:
     """Return the application for these settings; the store opens on start-up."""
-    # Outermost first: the client's real address, then counting every answer,
-    # then headers on every page, then errors turned into answers.
-    middlewares = [
-        metrics.count_requests,
-        security_headers_middleware,
-        error_middleware,
-        csrf_cookie_middleware,
-    ]
-    if settings.proxies and not settings.base_path:
-        middlewares.insert(0, forwarded_middleware)
     app = web.Application(
-        middlewares=middlewares, client_max_size=settings.max_body_bytes
+        middlewares=[request_middleware], client_max_size=settings.max_body_bytes
     )
     stats = Stats()
     store = Store(settings.db, stats)
@@ -103,7 +67,6 @@ def create_app(settings: Settings) -> web.Application:
         app,
         loader=jinja2.FileSystemLoader(asset_dir("templates")),
         autoescape=True,
-        context_processors=[template_context],
     )
     env.filters.update(pages.TEMPLATE_FILTERS)
 
@@ -112,11 +75,9 @@ def create_app(settings: Settings) -> web.Application:
         _join_cluster(app, settings.broker)
     app.on_shutdown.append(ws.close_all_sockets)
 
-    app.router.add_get("/api/updates", ws.list_socket, name="list_socket")
+    app.router.add_get("/api/updates", ws.subscribe, name="list_socket")
     app.router.add_get(
-        "/api/workflows/{workflow_id}/updates",
-        ws.workflow_socket,
-        name="workflow_socket",
+        "/api/workflows/{workflow_id}/updates", ws.subscribe, name="workflow_socket"
     )
     app.router.add_get(
         "/api/workflows/{workflow_id}/events",
@@ -141,8 +102,6 @@ def create_app(settings: Settings) -> web.Application:
     # Mounted under the prefix, every url_for, and so every link, form and
     # socket URL, carries it.
     root = web.Application(client_max_size=settings.max_body_bytes)
-    if settings.proxies:
-        root.middlewares.append(forwarded_middleware)
     root.add_subapp(settings.base_path, app)
     root[SETTINGS] = settings
     root[STORE] = store

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -16,7 +16,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .app_keys import STATS, STORE
+from .app_keys import STORE
 from .hub import Hub
 from .stats import Histogram, Stats
 
@@ -26,8 +26,6 @@ REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 ReadinessCheck = Callable[[], str | None]
 READINESS_CHECKS = web.AppKey("readiness_checks", list[ReadinessCheck])
 READY_TIMEOUT_S = 2.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class VaporaCollector(Collector):
@@ -114,23 +112,6 @@ def make_registry(hub: Hub, stats: Stats) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(VaporaCollector(hub, stats))
     return registry
-
-
-@web.middleware
-async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count requests by route template (never the raw path) and status."""
-    route = request.match_info.route.resource
-    name = route.canonical if route is not None else "unmatched"
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        request.app[STATS].requests[(name, status)] += 1
 
 
 @routes.get("/metrics")

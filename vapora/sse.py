@@ -13,7 +13,7 @@ from collections import deque
 
 from aiohttp import web
 
-from .admission import admit, counted, parse_after
+from .admission import admit, free_slot, parse_after, take_slot
 from .app_keys import HUB, SETTINGS, STORE
 from .frames import Encoded, Outgoing
 from .subscriber import Subscriber
@@ -100,8 +100,11 @@ async def workflow_events(request: web.Request) -> web.StreamResponse:
     workflow_id = request.match_info["workflow_id"]
     after = parse_after(request)
     await admit(request, workflow_id)
-    with counted(request):
+    take_slot(request)
+    try:
         return await _stream(request, workflow_id, after)
+    finally:
+        free_slot(request)
 
 
 async def _stream(

@@ -15,12 +15,15 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from .admission import admit, counted, parse_after
+from .admission import admit, free_slot, parse_after, take_slot
 from .app_keys import HUB, SETTINGS, STORE
 from .frames import OP_CLOSE, Encoded, Outgoing, ws_frame
 from .subscriber import Subscriber
 
 logger = logging.getLogger(__name__)
+
+# What ws.receive() gives once the socket is closing or closed.
+ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 
 
 class WsSubscriber(Subscriber):
@@ -87,50 +90,44 @@ def keep_alive(transport: asyncio.Transport, interval_s: float) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
 
 
-async def workflow_socket(request: web.Request) -> web.WebSocketResponse:
-    """Stream one workflow's changes; 400 bad `after`, 401, 403 origin, 404, 429."""
-    workflow_id = request.match_info["workflow_id"]
-    after = parse_after(request)
+async def subscribe(request: web.Request) -> web.WebSocketResponse:
+    """Stream one workflow's changes, or every workflow's on /api/updates.
+
+    Refuses with 400 for a bad `after`, 401, 403 for a foreign origin, 404, 429.
+    """
+    # One frame for the socket's whole life: each coroutine it waits in is kept
+    # for as long as the socket is open.
+    workflow_id = request.match_info.get("workflow_id")
+    after = None if workflow_id is None else parse_after(request)
     await admit(request, workflow_id)
-
-    with counted(request):
-        return await _serve(request, workflow_id, after, request.query.get("epoch"))
-
-
-async def list_socket(request: web.Request) -> web.WebSocketResponse:
-    """Stream every workflow's changes, for the list page; 401 unless readable."""
-    await admit(request, None)
-
-    with counted(request):
-        return await _serve(request, None, None, None)
-
-
-async def _serve(
-    request: web.Request, workflow_id: str | None, after: int | None, epoch: str | None
-) -> web.WebSocketResponse:
-    settings = request.app[SETTINGS]
-    hub = request.app[HUB]
-    # No ping timer per socket: the hub pings every socket with its heartbeat,
-    # and the kernel's keepalive finds peers that vanished.
-    ws = web.WebSocketResponse(
-        compress=False,
-        max_msg_size=settings.max_incoming_bytes,
-    )
-    await ws.prepare(request)
-    sub = WsSubscriber(request, ws, workflow_id)
-
-    hub.subscribe(sub)
+    take_slot(request)
     try:
-        await sub.open("connect", after, epoch)
-        async for msg in ws:
-            if msg.type is WSMsgType.ERROR:
-                logger.warning(
-                    "WebSocket error from %s: %s", request.remote, ws.exception()
-                )
+        # No ping timer per socket: the hub pings every socket with its
+        # heartbeat, and the kernel's keepalive finds peers that vanished.
+        ws = web.WebSocketResponse(
+            compress=False,
+            max_msg_size=request.app[SETTINGS].max_incoming_bytes,
+        )
+        await ws.prepare(request)
+        # Sent with the handshake, the headers would otherwise stay in memory
+        # for the socket's whole life.
+        ws.headers.clear()
+        sub = WsSubscriber(request, ws, workflow_id)
+
+        request.app[HUB].subscribe(sub)
+        try:
+            await sub.open("connect", after, request.query.get("epoch"))
+            while (msg := await ws.receive()).type not in ENDED:
+                if msg.type is WSMsgType.ERROR:
+                    logger.warning(
+                        "WebSocket error from %s: %s", request.remote, ws.exception()
+                    )
+        finally:
+            request.app[HUB].unsubscribe(sub)
+            sub.stop()
+            release_connection(request)
     finally:
-        hub.unsubscribe(sub)
-        sub.stop()
-        release_connection(request)
+        free_slot(request)
     return ws
 
 
