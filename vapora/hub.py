@@ -23,7 +23,7 @@ from .store import Change
 logger = logging.getLogger(__name__)
 
 # Subscribers given a heartbeat together; the slices of a sweep are spread out.
-BEAT_SLICE = 500
+BEAT_SLICE = 100
 
 
 class Subscriber(Protocol):
