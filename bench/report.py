@@ -175,14 +175,22 @@ def verdicts(runs: list[RunResult], durables: list[DurableResult]) -> list[Verdi
         worst = max(pairs, key=lambda p: p[0].cpu_us_per_delivery / max(
             p[1].cpu_us_per_delivery, 1e-9))  # fmt: skip
         factor = worst[0].cpu_us_per_delivery / max(worst[1].cpu_us_per_delivery, 1e-9)
+        each = "; ".join(
+            f"×{v.cpu_us_per_delivery / max(f.cpu_us_per_delivery, 1e-9):.2f} "
+            f"at {v.subscribers:,}"
+            for v, f in pairs
+        )
         out.append(
             Verdict(
                 name,
                 "worst at N = "
                 f"{worst[0].subscribers:,}: {num(worst[0].cpu_us_per_delivery, 0)} "
-                f"vs {num(worst[1].cpu_us_per_delivery, 0)} µs (×{factor:.2f})",
+                f"vs {num(worst[1].cpu_us_per_delivery, 0)} µs ({each})",
                 factor <= 1.0,
-                "" if factor <= 1 else f"{(factor - 1) * 100:.0f}% more CPU",
+                ""
+                if factor <= 1
+                else f"{(factor - 1) * 100:.0f}% more CPU at worst; why: "
+                "bench/README.md, “CPU per delivery”",
             )
         )
 

@@ -96,3 +96,21 @@ def test_benchmark_on_two_nodes_delivers_every_change_and_reports(
         assert run["protocol_errors"] == []
     assert "## Two nodes" in text
     assert text.count("| 100 | 10 |") == 2
+
+
+def test_commit_cost_measures_a_change_and_its_controls() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.commitcost", "--count", "5", "--pause-ms", "1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| store change (SQLite file)",
+        "| control: 20 JSON encodings",
+        "| control: in-memory SQLite insert",
+    ]
+    assert all(float(row.split(" | ")[1]) > 0 for row in rows[1:])
