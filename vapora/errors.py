@@ -47,10 +47,21 @@ class Forbidden(VaporaError):
     code = "forbidden"
 
 
-class TooManyRequests(VaporaError):
-    status = 429
-    code = "too_many_requests"
+class RetryLater(VaporaError):
+    """An error that goes away by itself; the answer says when to retry."""
 
     def __init__(self, field: str | None, message: str, retry_after_s: float) -> None:
         super().__init__(field, message)
         self.retry_after_s = retry_after_s
+
+
+class TooManyRequests(RetryLater):
+    status = 429
+    code = "too_many_requests"
+
+
+class Unavailable(RetryLater):
+    """The database cannot take the change now, e.g. another process holds it."""
+
+    status = 503
+    code = "unavailable"

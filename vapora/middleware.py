@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .app_keys import AUTH, SETTINGS, STATS
 from .auth import CSRF_COOKIE, NEW_CSRF_SEED
-from .errors import TooManyRequests, VaporaError
+from .errors import RetryLater, VaporaError
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def vapora_error_response(request: web.Request, error: VaporaError) -> web.Respo
     response = error_response(
         request, error.status, error.code, error.message, error.field
     )
-    if isinstance(error, TooManyRequests):
+    if isinstance(error, RetryLater):
         response.headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
     return response
 

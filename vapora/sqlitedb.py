@@ -53,7 +53,7 @@ T = TypeVar("T")
 
 
 class WriterThread:
-    """One thread that runs the store's writes, in order, for the event loop."""
+    """One thread that runs, in order, the writes that may have to wait."""
 
     def __init__(self) -> None:
         self._jobs: SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None]
