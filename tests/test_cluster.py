@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from vapora.app import create_app
 from vapora.settings import Settings
+from vapora.store import Store
 
 from .conftest import (
     AUTH,
@@ -241,6 +242,32 @@ async def test_two_processes_share_one_sqlite_file_through_the_broker(
     assert final == total + 1
     for w in watchers:
         assert w.seen == list(range(2, total + 2)), f"a gap or a repeat: {updates(w)}"
+
+
+async def test_a_change_whose_node_died_before_publishing_it_still_arrives(
+    server_process: StartServer, redis_url: str, tmp_path: Path
+) -> None:
+    db = tmp_path / "shared.db"
+    node = server_process("--broker", redis_url, db=db, env=NODE_ENV)
+    # Another node's store, which commits and never publishes: as if that node
+    # died between the two.
+    silent = Store(db)
+    await silent.open()
+    try:
+        async with session() as client:
+            wid = await create(client, node)
+            url = f"{node.url}/api/workflows/{wid}/updates"
+            async with client.ws_connect(url) as ws:
+                assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
+                await silent.set_message(wid, "never published", "other node")
+                async with asyncio.timeout(10):
+                    frame = await ws.receive_json()
+                    while frame["type"] != "update":
+                        frame = await ws.receive_json()
+    finally:
+        await silent.close()
+
+    assert (frame["seq"], frame["message"]) == (2, "never published")
 
 
 async def test_a_node_without_its_broker_is_not_ready_and_catches_up_on_its_return(

@@ -43,6 +43,9 @@ PUBLISH_BATCH = 500
 # Past this many changes waiting to be sent, only each workflow's latest is
 # kept: the other nodes read the ones before it from the store.
 OUTBOX_LIMIT = 10_000
+# How often the watched workflows are compared with the store, for changes a
+# node committed and died before publishing.
+SWEEP_S = 2.0
 
 
 def encode(node: str, change: Change) -> bytes:
@@ -95,6 +98,7 @@ class Broker:
         self._up = asyncio.Event()
         self._tried = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def channel(self) -> str:
@@ -112,6 +116,7 @@ class Broker:
     async def start(self) -> None:
         """Connect in the background, after waiting for the first try's outcome."""
         self._task = asyncio.create_task(self._run())
+        self._sweeper = asyncio.create_task(self.sequencer.sweep_forever(SWEEP_S))
         try:
             await asyncio.wait_for(self._tried.wait(), FIRST_CONNECT_WAIT_S)
         except TimeoutError:
@@ -122,8 +127,7 @@ class Broker:
         deadline = time.monotonic() + STOP_FLUSH_S
         while self._outbox and self._up.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self._task is not None:
-            await end([self._task])
+        await end([t for t in (self._task, self._sweeper) if t is not None])
         self.sequencer.stop()
 
     async def _run(self) -> None:

@@ -94,6 +94,39 @@ class Sequencer:
             track.behind = True
             self._fill(workflow_id, track)
 
+    async def sweep_forever(self, interval_s: float) -> None:
+        """Every interval_s, catch up the watched workflows the store has moved on.
+
+        A node that dies after committing a change and before publishing it
+        leaves the others a change they never hear of, until a later change to
+        the same workflow shows the gap. This bounds how long that can last.
+        """
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sweep()
+            except Exception as error:  # the store is away: the next sweep retries
+                logger.warning(
+                    "Cannot compare watched workflows with the store: %s", error
+                )
+
+    async def sweep(self) -> None:
+        """Fill every watched workflow whose stored seq is past what was delivered."""
+        stored = await self.store.seqs(self.hub.watched_ids())
+        for workflow_id, seq in stored.items():
+            track = self._tracks.get(workflow_id)
+            if track is not None and track.delivered is not None:
+                delivered = track.delivered
+            else:
+                held = [s for s in self.hub.held_seqs(workflow_id) if s >= 0]
+                if not held:
+                    continue  # its subscribers are still opening
+                delivered = min(held)
+            if seq > delivered:
+                track = track or self._track(workflow_id)
+                track.behind = True
+                self._fill(workflow_id, track)
+
     def stop(self) -> None:
         """Abandon every fill under way, as the node shuts down."""
         for track in self._tracks.values():

@@ -216,6 +216,18 @@ class Store:
             )
         return [_workflow_from_row(row) for row in rows]
 
+    async def seqs(self, ids: list[str]) -> dict[str, int]:
+        """Return the current seq of each of these workflows that exists."""
+        found: dict[str, int] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = await self.fetch_all(
+                f"SELECT id, seq FROM workflows WHERE id IN ({marks})", tuple(chunk)
+            )
+            found.update((row[0], int(row[1])) for row in rows)
+        return found
+
     async def step_medians(self, name: str, runs: int = 20) -> dict[str, float]:
         """Return how long each step usually takes, from the last completed runs."""
         rows = await self.fetch_all(
