@@ -12,7 +12,7 @@ import pytest
 
 from vapora import sqlitedb
 from vapora.credentials import Credentials, Scope
-from vapora.errors import InvalidInput, NotFound, RuleViolation
+from vapora.errors import InvalidInput, NotFound, RuleViolation, Unavailable
 from vapora.model import Status, StepState
 from vapora.schema import MIGRATIONS, PG_SCHEMA_VERSION, SCHEMA_VERSION
 from vapora.store import Change, Store
@@ -385,10 +385,78 @@ async def test_a_change_waits_for_another_writer_without_holding_the_loop(
         await store.close()
 
 
+async def test_a_writer_that_holds_the_file_too_long_gives_503_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlitedb, "BUSY_TIMEOUT_MS", 100)
+    store = Store(tmp_path / "v.db")
+    await store.open()
+    wf = await store.create_workflow("Held", ["a", "b"], "admin")
+    other = sqlite3.connect(tmp_path / "v.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(Unavailable) as refused:
+            await store.advance(wf.id, "admin")
+        other.execute("COMMIT")
+
+        assert refused.value.status == 503 and refused.value.retry_after_s > 0
+        assert (await store.advance(wf.id, "admin")).seq == 2
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_a_read_held_open_elsewhere_stops_the_log_starting_over_and_is_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sqlitedb, "CHECKPOINT_PAGES", 100)
+    monkeypatch.setattr(sqlitedb, "LOG_LIMIT_FRAMES", 200)
+    store = Store(tmp_path / "v.db")
+    await store.open()
+    wf = await store.create_workflow("Read elsewhere", ["a"], "admin")
+    reader = sqlite3.connect(tmp_path / "v.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM events").fetchone()  # holds its snapshot
+    try:
+        for batch in range(10):
+            await asyncio.gather(
+                *(store.set_message(wf.id, f"{batch} {i}", "admin") for i in range(50))
+            )
+
+        assert (await store.get_workflow(wf.id)).seq == 501
+        assert "cannot start over" in caplog.text
+    finally:
+        reader.close()
+        await store.close()
+
+
+async def test_a_large_log_left_by_an_earlier_run_is_cut_back_at_start(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "v.db"
+    store = Store(db)
+    await store.open()
+    await store.close()
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("CREATE TABLE filler (text TEXT)")
+    conn.executemany("INSERT INTO filler VALUES (?)", [("x" * 4000,)] * 5000)
+    log = tmp_path / "v.db-wal"
+    grown = log.stat().st_size
+    store = Store(db)  # opened while the other connection still holds the log
+    await store.open()
+    try:
+        assert grown > 20_000_000
+        assert log.stat().st_size < grown / 10
+    finally:
+        conn.close()
+        await store.close()
+
+
 async def test_the_log_file_stays_bounded_under_steady_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlitedb, "CHECKPOINT_EVERY", 100)
+    monkeypatch.setattr(sqlitedb, "CHECKPOINT_PAGES", 400)
     monkeypatch.setattr(sqlitedb, "LOG_LIMIT_FRAMES", 1000)
     store = Store(tmp_path / "v.db")
     await store.open()

@@ -12,7 +12,7 @@ it wait, and both go to the writer's thread instead:
   the writer's thread, which does wait;
 - copying the log back into the database (a checkpoint, which syncs the file):
   the loop's connection never checkpoints; the writer's thread does, every
-  CHECKPOINT_EVERY commits, beside the writes.
+  CHECKPOINT_PAGES pages or so, beside the writes.
 
 The server's own records (sessions, tokens, retention) are written on the
 writer's thread too: they are rare, and some are long.
@@ -25,7 +25,8 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
@@ -33,21 +34,24 @@ import aiosqlite
 
 from . import schema
 from .database import Plan, Query, Row
-from .errors import RuleViolation
+from .errors import RuleViolation, Unavailable
 from .schema import NEXT_ACTIVITY
 from .stats import Histogram
 
 logger = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
-# Commits on the loop between checkpoints. A change writes about five pages
-# to the log, and a checkpoint copies each page once however often it was
-# written, so fewer, larger checkpoints cost less (SQLite's own default is
-# every 1,000 pages).
-CHECKPOINT_EVERY = 1000
+PAGE_BYTES = 4096
+# Pages written to the log between checkpoints, as estimated from each change's
+# size. A checkpoint copies each page once however often the log holds it, so
+# fewer, larger checkpoints cost less (SQLite's own default is 1,000 pages).
+CHECKPOINT_PAGES = 4000
 # Pages (frames) in the log, about 40 MB, past which a checkpoint holds writes
-# back until the log can start over.
+# back, for at most RESTART_WAIT_MS, until the log can start over.
 LOG_LIMIT_FRAMES = 10_000
+RESTART_WAIT_MS = 200
+# Once the log starts over, its file is cut back to this size.
+LOG_FILE_LIMIT_BYTES = 64 * 1024 * 1024
 
 T = TypeVar("T")
 
@@ -108,7 +112,8 @@ class SqliteDatabase:
         self._writer: sqlite3.Connection | None = None
         self._write_thread: WriterThread | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._since_checkpoint = 0
+        self._pages_since_checkpoint = 0
+        self._stuck_warned_at = -3600.0
         self._checkpoint: asyncio.Task[None] | None = None
         self._log_full = False
 
@@ -117,9 +122,7 @@ class SqliteDatabase:
         self._writer = await self._in_writer(
             lambda: self._connect(BUSY_TIMEOUT_MS, check_same_thread=False)
         )
-        await self._in_writer(
-            lambda: schema.migrate(self.writer, self.path, BUSY_TIMEOUT_MS)
-        )
+        await self._in_writer(self._migrate)
         self._inline = self._connect(0, check_same_thread=True)
         self._inline.execute("PRAGMA wal_autocheckpoint = 0")
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
@@ -139,6 +142,11 @@ class SqliteDatabase:
             self._write_thread.stop()
         self._reader = self._inline = self._writer = self._write_thread = None
 
+    def _migrate(self) -> None:
+        schema.migrate(self.writer, self.path, BUSY_TIMEOUT_MS)
+        # A migration may have filled the log; let it start over small.
+        self.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+
     def _connect(
         self, busy_timeout_ms: int, check_same_thread: bool
     ) -> sqlite3.Connection:
@@ -147,6 +155,7 @@ class SqliteDatabase:
         )
         conn.row_factory = sqlite3.Row
         schema.configure(conn, busy_timeout_ms)
+        conn.execute(f"PRAGMA journal_size_limit = {LOG_FILE_LIMIT_BYTES}")
         return conn
 
     async def _in_writer(self, work: Callable[[], T]) -> T:
@@ -169,9 +178,10 @@ class SqliteDatabase:
         return self._reader
 
     async def execute(self, sql: str, params: tuple[Any, ...]) -> int:
-        return await self._in_writer(
-            lambda: int(self.writer.execute(sql, params).rowcount)
-        )
+        with busy_means_unavailable():
+            return await self._in_writer(
+                lambda: int(self.writer.execute(sql, params).rowcount)
+            )
 
     async def fetch_all(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
         # Reading and closing in one call matters: a statement left open while
@@ -185,26 +195,38 @@ class SqliteDatabase:
         if self._log_full:
             return await self._on_writer_thread(lock, plan)
         try:
-            result = self._transaction(self._inline, lock, plan)
+            result, written = self._transaction(self._inline, lock, plan)
         except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+            if not is_busy(error):
                 raise
             # Another process is writing: wait for it off the loop.
             return await self._on_writer_thread(lock, plan)
-        self._since_checkpoint += 1
-        if self._since_checkpoint >= CHECKPOINT_EVERY and self._checkpoint is None:
-            self._since_checkpoint = 0
+        # The table's and the indexes' pages, and a page for each 4 kB of text.
+        self._pages_since_checkpoint += 4 + written // PAGE_BYTES
+        if (
+            self._pages_since_checkpoint >= CHECKPOINT_PAGES
+            and self._checkpoint is None
+        ):
+            self._pages_since_checkpoint = 0
             self._checkpoint = asyncio.create_task(self._run_checkpoint())
         return result
 
     async def _on_writer_thread(self, lock: Query | None, plan: Plan[T]) -> T:
-        return await self._in_writer(lambda: self._transaction(self.writer, lock, plan))
+        with busy_means_unavailable():
+            result, _ = await self._in_writer(
+                lambda: self._transaction(self.writer, lock, plan)
+            )
+        return result
 
     def _transaction(
         self, conn: sqlite3.Connection, lock: Query | None, plan: Plan[T]
-    ) -> T:
-        """Run the plan in one IMMEDIATE transaction on conn."""
+    ) -> tuple[T, int]:
+        """Run the plan in one IMMEDIATE transaction on conn.
+
+        Return its result and the characters of text it wrote.
+        """
         started = time.monotonic()
+        written = 0
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = None if lock is None else conn.execute(*lock).fetchone()
@@ -213,12 +235,13 @@ class SqliteDatabase:
                 cursor = conn.execute(write.sql, write.params)
                 if write.refusal and cursor.rowcount != 1:
                     raise RuleViolation("seq", write.refusal)
+                written += sum(len(p) for p in write.params if isinstance(p, str))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         self.write_seconds.observe(time.monotonic() - started)
-        return result
+        return result, written
 
     async def _run_checkpoint(self) -> None:
         """Copy the log back into the database, on the writer's thread.
@@ -228,15 +251,18 @@ class SqliteDatabase:
         steady writes there is always a newer frame by then. So once the log is
         LOG_LIMIT_FRAMES long, changes queue on the writer's thread behind a
         RESTART checkpoint, which copies the rest and lets the log start over.
+        It waits at most RESTART_WAIT_MS for other connections' reads to end.
         """
         try:
             frames = await self._in_writer(lambda: self._checkpoint_log("PASSIVE"))
             if frames >= LOG_LIMIT_FRAMES:
                 self._log_full = True
                 try:
-                    await self._in_writer(lambda: self._checkpoint_log("RESTART"))
+                    done = await self._in_writer(self._restart_log)
                 finally:
                     self._log_full = False
+                if not done:
+                    self._warn_stuck(frames)
         except sqlite3.Error as error:
             logger.warning("Checkpoint of %s failed: %s", self.path, error)
         finally:
@@ -246,3 +272,47 @@ class SqliteDatabase:
         """Run one checkpoint; return the frames the log held."""
         row = self.writer.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         return int(row[1])
+
+    def _restart_log(self) -> bool:
+        """A RESTART checkpoint that waits briefly; whether it finished."""
+        self.writer.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+        try:
+            busy, _, _ = self.writer.execute(
+                "PRAGMA wal_checkpoint(RESTART)"
+            ).fetchone()
+        finally:
+            self.writer.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return not busy
+
+    def _warn_stuck(self, frames: int) -> None:
+        """Say, at most once an hour, that the log cannot start over."""
+        now = time.monotonic()
+        if now - self._stuck_warned_at < 3600:
+            return
+        self._stuck_warned_at = now
+        logger.warning(
+            "The write-ahead log of %s holds %d MB and cannot start over: another "
+            "connection to the file has kept a read open for a long time",
+            self.path,
+            frames * PAGE_BYTES // 1_000_000,
+        )
+
+
+def is_busy(error: sqlite3.OperationalError) -> bool:
+    return error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
+@contextmanager
+def busy_means_unavailable() -> Iterator[None]:
+    """Turn a lock held past the busy timeout into a 503 that says so."""
+    try:
+        yield
+    except sqlite3.OperationalError as error:
+        if not is_busy(error):
+            raise
+        raise Unavailable(
+            "database",
+            f"another process has held the database for over "
+            f"{BUSY_TIMEOUT_MS // 1000} s; try again",
+            retry_after_s=1,
+        ) from None
