@@ -7,7 +7,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from vapora.app_keys import STORE
+
 from .conftest import AUTH, create_workflow
+from .test_security import UPGRADE
 
 
 async def test_create_returns_the_workflow_and_its_location(
@@ -213,3 +216,221 @@ async def test_an_unknown_field_is_a_400_naming_it(
     assert "stall_after_s" in error["message"]
     listing = await (await client.get("/api/workflows")).json()
     assert listing["workflows"] == []
+
+
+# -- numbers, nesting and query strings -----------------------------------------
+
+
+@pytest.mark.parametrize("timeout", [1e12, 1e300, 31_622_401])
+async def test_gate_timeout_past_366_days_is_a_400_naming_it(
+    client: TestClient[Any, Any], timeout: float
+) -> None:
+    steps = [{"name": "a", "gate": {"timeout_s": timeout}}, "b"]
+
+    response = await client.post(
+        "/api/workflows", json={"name": "x", "steps": steps}, headers=AUTH
+    )
+
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["field"] == "timeout_s"
+    assert "366 days" in error["message"]
+    listing = await (await client.get("/api/workflows")).json()
+    assert listing["workflows"] == []
+
+
+async def test_gate_timeout_of_366_days_is_accepted_and_advanced_onto(
+    client: TestClient[Any, Any],
+) -> None:
+    steps = [{"name": "a", "gate": {"timeout_s": 366 * 24 * 3600}}, "b"]
+    made = await client.post(
+        "/api/workflows", json={"name": "x", "steps": steps}, headers=AUTH
+    )
+    assert made.status == 201
+
+    wid = (await made.json())["workflow_id"]
+    response = await client.post(f"/api/workflows/{wid}/advance", headers=AUTH)
+
+    assert response.status == 200
+    assert (await response.json())["status"] == "waiting"
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN"])
+async def test_nan_and_infinity_are_not_json(
+    client: TestClient[Any, Any], literal: str
+) -> None:
+    gate = '{"timeout_s": ' + literal + "}"
+    body = '{"name": "x", "steps": [{"name": "a", "gate": ' + gate + '}, "b"]}'
+
+    response = await client.post(
+        "/api/workflows",
+        data=body.encode(),
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+
+    assert response.status == 400
+    assert "not valid JSON" in (await response.json())["error"]["message"]
+    listing = await (await client.get("/api/workflows")).json()
+    assert listing["workflows"] == []
+
+
+@pytest.mark.parametrize("stall", ["1e999", "1" * 400])
+async def test_stall_after_too_large_to_be_a_float_is_a_400(
+    client: TestClient[Any, Any], stall: str
+) -> None:
+    body = '{"name": "x", "steps": ["a"], "stall_after_s": ' + stall + "}"
+
+    response = await client.post(
+        "/api/workflows",
+        data=body.encode(),
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+
+    assert response.status == 400
+    assert (await response.json())["error"]["field"] == "stall_after_s"
+
+
+async def test_deeply_nested_body_is_a_400(client: TestClient[Any, Any]) -> None:
+    response = await client.post(
+        "/api/workflows",
+        data=b"[" * 30_000,
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+
+    assert response.status == 400
+    assert "not valid JSON" in (await response.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("limit", ["%C2%B2", "1" * 5000, "-1", "501", ""])
+async def test_list_limit_that_is_no_plain_number_is_a_400_naming_it(
+    client: TestClient[Any, Any], limit: str
+) -> None:
+    response = await client.get(f"/api/workflows?limit={limit}")
+
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["field"] == "limit"
+    assert len(error["message"]) < 100
+
+
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [
+        ("?after=%C2%B2", {}),
+        ("?after=99999999999999999999999", {}),
+        ("", {"Last-Event-ID": "²"}),
+        ("", {"Last-Event-ID": "9223372036854775808"}),
+    ],
+)
+@pytest.mark.parametrize("transport", ["updates", "events"])
+async def test_bad_after_is_a_400_before_the_stream_starts(
+    client: TestClient[Any, Any],
+    query: str,
+    headers: dict[str, str],
+    transport: str,
+) -> None:
+    wf = await create_workflow(client)
+    if transport == "updates":
+        headers = {**headers, **UPGRADE}
+
+    response = await client.get(
+        f"/api/workflows/{wf['workflow_id']}/{transport}{query}", headers=headers
+    )
+
+    assert response.status == 400
+    assert (await response.json())["error"]["field"] == "after"
+
+
+async def test_webhook_url_that_yarl_refuses_is_a_400_naming_it(
+    client: TestClient[Any, Any],
+) -> None:
+    response = await client.post(
+        "/api/webhooks", json={"url": "http://[::1"}, headers=AUTH
+    )
+
+    assert response.status == 400
+    assert (await response.json())["error"]["field"] == "url"
+    hooks = await (await client.get("/api/webhooks", headers=AUTH)).json()
+    assert hooks["webhooks"] == []
+
+
+# -- an unexpected error ---------------------------------------------------------
+
+
+async def test_unexpected_error_is_a_json_500_with_security_headers(
+    client: TestClient[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the disk is on fire")
+
+    monkeypatch.setattr(client.app[STORE], "list_workflows", broken)
+
+    response = await client.get("/api/workflows")
+
+    assert response.status == 500
+    error = (await response.json())["error"]
+    assert error["code"] == "internal_error"
+    assert "fire" not in error["message"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "Content-Security-Policy" in response.headers
+    logged = [r for r in caplog.records if r.exc_info]
+    assert len(logged) == 1
+    assert "GET /api/workflows" in logged[0].getMessage()
+
+
+async def test_unexpected_error_on_a_page_is_the_error_page(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the disk is on fire")
+
+    monkeypatch.setattr(client.app[STORE], "list_workflows", broken)
+
+    response = await client.get("/")
+
+    assert response.status == 500
+    assert response.content_type == "text/html"
+    assert "fire" not in await response.text()
+    assert response.headers["X-Frame-Options"] == "DENY"
+
+
+# -- messages --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("steps", "says"),
+    [
+        ([1, 2], "got a number"),
+        ([None], "got null"),
+        ([{"gate": True}], "object with no name"),
+        (["a", "  "], "one is empty"),
+    ],
+)
+async def test_a_bad_step_is_described(
+    client: TestClient[Any, Any], steps: list[Any], says: str
+) -> None:
+    response = await client.post(
+        "/api/workflows", json={"name": "x", "steps": steps}, headers=AUTH
+    )
+
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["field"] == "steps"
+    assert says in error["message"]
+    assert "must be a string" not in error["message"]
+    assert "is required" not in error["message"]
+
+
+@pytest.mark.parametrize(("count", "summary"), [(1, "1 step"), (2, "2 steps")])
+async def test_created_summary_counts_steps_in_words(
+    client: TestClient[Any, Any], count: int, summary: str
+) -> None:
+    wf = await create_workflow(client, steps=count)
+
+    history = await (
+        await client.get(f"/api/workflows/{wf['workflow_id']}/history")
+    ).json()
+
+    assert history["events"][-1]["summary"] == f"Created with {summary}"

@@ -12,11 +12,20 @@ from .catchup import workflow_json
 from .credentials import Token, clean_scope
 from .errors import InvalidInput
 from .model import Workflow
-from .validate import clean_status
+from .validate import clean_status, excerpt, parse_count
 
 routes = web.RouteTableDef()
 
 MAX_LIST = 500
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_strict(text: str) -> Any:
+    """Parse JSON as RFC 8259 has it: NaN and Infinity are no numbers."""
+    return json.loads(text, parse_constant=_refuse_constant)
 
 
 async def readable_workflows(request: web.Request, limit: int) -> list[Workflow]:
@@ -43,9 +52,14 @@ async def read_json(request: web.Request, *fields: str) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
     try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = await request.json(loads=loads_strict)
+    except (ValueError, UnicodeDecodeError):
+        # JSONDecodeError, and NaN or Infinity, are ValueErrors.
         raise InvalidInput(None, "the body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidInput(
+            None, "the body is not valid JSON: nested too deeply"
+        ) from None
     if not isinstance(body, dict):
         raise InvalidInput(None, "the body must be a JSON object")
     unknown = sorted(set(body) - set(fields))
@@ -81,10 +95,13 @@ async def create_workflow(request: web.Request) -> web.Response:
 async def list_workflows(request: web.Request) -> web.Response:
     """List workflows, newest activity first; `limit` up to 500 (400 otherwise)."""
     raw = request.query.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST:
-        raise InvalidInput("limit", f"limit must be 1 to {MAX_LIST}, got {raw!r}")
+    limit = parse_count(raw, MAX_LIST)
+    if limit is None or limit < 1:
+        raise InvalidInput(
+            "limit", f"limit must be 1 to {MAX_LIST}, got {excerpt(raw)}"
+        )
 
-    workflows = await readable_workflows(request, int(raw))
+    workflows = await readable_workflows(request, limit)
 
     body = ",".join(workflow_json(w, history=False) for w in workflows)
     return web.Response(

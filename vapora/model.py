@@ -387,7 +387,8 @@ class Event:
 def summarize(kind: str, wf: Workflow, message_changed: bool) -> str:
     """Describe a change in a few words for the history."""
     if kind == "created":
-        text = f"Created with {wf.total_steps} steps"
+        plural = "" if wf.total_steps == 1 else "s"
+        text = f"Created with {wf.total_steps} step{plural}"
     elif kind == "advanced":
         text = f"Step {wf.current_step} of {wf.total_steps}: {wf.current_step_name}"
     elif kind == "completed":
