@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,25 @@ async def test_token_names_are_unique_among_live_tokens(
     assert (await response.json())["error"]["field"] == "name"
 
 
+async def test_tokens_made_at_once_with_one_name_give_one_and_clear_refusals(
+    client: TestClient[Any, Any],
+) -> None:
+    body = {"name": "race", "scope": "read"}
+
+    responses = await asyncio.gather(
+        *(client.post("/api/tokens", json=body, headers=AUTH) for _ in range(10))
+    )
+
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [201] + [400] * 9
+    refusals = [await r.json() for r in responses if r.status == 400]
+    assert {e["error"]["message"] for e in refusals} == {
+        "a token named 'race' already exists"
+    }
+    listing = await (await client.get("/api/tokens", headers=AUTH)).json()
+    assert [t["name"] for t in listing["tokens"]] == ["race"]
+
+
 async def test_admin_page_makes_a_token_and_shows_it_once(
     client: TestClient[Any, Any],
 ) -> None:
@@ -267,6 +287,35 @@ async def test_revoked_share_link_stops_working(
 
     assert (await viewer.get(f"/workflows/{wf['workflow_id']}")).status == 401
     assert (await viewer.get(f"/share/{share['token']}")).status == 404
+
+
+async def make_share_link(client: TestClient[Any, Any], workflow_id: str) -> str:
+    csrf = await csrf_from(client, f"/admin/workflows/{workflow_id}")
+    made = await client.post(
+        f"/admin/workflows/{workflow_id}/share", data={"csrf_token": csrf}
+    )
+    assert made.status == 200, await made.text()
+    return (await made.text()).split('data-field="share-url">')[1].split("<")[0]
+
+
+async def test_share_links_can_still_be_made_after_one_is_revoked(
+    private: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(private)
+    await sign_in(private)
+    await make_share_link(private, wf["workflow_id"])
+    await make_share_link(private, wf["workflow_id"])
+    listing = await (await private.get("/api/tokens", headers=AUTH)).json()
+    first = next(t for t in listing["tokens"] if t["name"].startswith("share link 1"))
+
+    await private.delete(f"/api/tokens/{first['id']}", headers=AUTH)
+    third = await make_share_link(private, wf["workflow_id"])
+    fourth = await make_share_link(private, wf["workflow_id"])
+
+    assert third != fourth
+    listing = await (await private.get("/api/tokens", headers=AUTH)).json()
+    names = sorted(t["name"] for t in listing["tokens"])
+    assert names == [f"share link {n} of {wf['workflow_id']}" for n in (2, 3, 4)]
 
 
 # -- origins --------------------------------------------------------------------

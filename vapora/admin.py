@@ -238,10 +238,7 @@ async def create_share_link(request: web.Request) -> web.Response:
     workflow_id = request.match_info["workflow_id"]
     credentials = request.app[AUTH].credentials
 
-    count = len(await credentials.list_tokens(workflow_id))
-    _, secret = await credentials.create_token(
-        f"share link {count + 1} of {workflow_id}", Scope.READ, workflow_id
-    )
+    _, secret = await credentials.create_share_link(workflow_id)
 
     path = request.app.router["share"].url_for(secret=secret)
     url = str(request.url.with_path(str(path)).with_query(None))

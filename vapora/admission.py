@@ -9,10 +9,13 @@ from aiohttp import web
 
 from .app_keys import AUTH, SETTINGS, STORE
 from .errors import Forbidden, InvalidInput, TooManyRequests
+from .validate import excerpt, parse_count
 
 logger = logging.getLogger(__name__)
 
 OPEN_CONNECTIONS = web.AppKey("open_connections", Counter[str])
+# The largest seq the databases store (a signed 64-bit integer).
+MAX_SEQ = 2**63 - 1
 
 
 def parse_after(request: web.Request) -> int | None:
@@ -20,9 +23,12 @@ def parse_after(request: web.Request) -> int | None:
     raw = request.query.get("after") or request.headers.get("Last-Event-ID")
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
-        raise InvalidInput("after", f"after must be a seq number, got {raw!r}")
-    return int(raw)
+    after = parse_count(raw, MAX_SEQ)
+    if after is None:
+        raise InvalidInput(
+            "after", f"after must be a seq number, 0 to {MAX_SEQ}, got {excerpt(raw)}"
+        )
+    return after
 
 
 def check_origin(request: web.Request) -> None:

@@ -8,6 +8,7 @@ made; the store keeps only its SHA-256.
 from __future__ import annotations
 
 import secrets
+import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -19,7 +20,9 @@ from .store import Store, hash_secret
 from .validate import clean_text
 
 TOKEN_PREFIX = "vpr_"
+UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE for a duplicate key
 MAX_TOKEN_NAME_CHARS = 80
+SHARE_NAME_TRIES = 10
 
 
 class Scope(StrEnum):
@@ -89,6 +92,15 @@ def clean_scope(value: object) -> Scope:
         raise InvalidInput("scope", f"scope must be one of: {allowed}") from None
 
 
+def is_unique_violation(error: Exception) -> bool:
+    """Whether SQLite or PostgreSQL refused a write for a duplicate key."""
+    # asyncpg's UniqueViolationError carries the standard SQLSTATE; matching on
+    # it spares loading asyncpg where PostgreSQL is not used.
+    if isinstance(error, sqlite3.IntegrityError):
+        return error.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_UNIQUE
+    return getattr(error, "sqlstate", None) == UNIQUE_VIOLATION
+
+
 class Credentials:
     """Makes, finds and revokes tokens; keeps admin sessions."""
 
@@ -106,28 +118,58 @@ class Credentials:
             workflow_id = None
         if workflow_id:
             await self.store.get_workflow(workflow_id)
+        taken = InvalidInput("name", f"a token named {name!r} already exists")
         if await self.store.fetch_one(
             "SELECT 1 FROM tokens WHERE name = ? AND revoked_at IS NULL", (name,)
         ):
-            raise InvalidInput("name", f"a token named {name!r} already exists")
+            raise taken
 
         secret = TOKEN_PREFIX + secrets.token_urlsafe(24)
         token = Token(
             secrets.token_urlsafe(6), name, scope, workflow_id, utc_now(), None
         )
-        await self.store.execute(
-            "INSERT INTO tokens (id, name, scope, workflow_id, token_hash, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                token.id,
-                name,
-                scope.value,
-                workflow_id,
-                hash_secret(secret),
-                token.created_at,
-            ),
-        )
+        try:
+            await self.store.execute(
+                "INSERT INTO tokens (id, name, scope, workflow_id, token_hash, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    token.id,
+                    name,
+                    scope.value,
+                    workflow_id,
+                    hash_secret(secret),
+                    token.created_at,
+                ),
+            )
+        except Exception as error:
+            # The check above cannot see a token made at the same moment; the
+            # unique index on live names can.
+            if is_unique_violation(error):
+                raise taken from None
+            raise
         return token, secret
+
+    async def create_share_link(self, workflow_id: str) -> tuple[Token, str]:
+        """Make a read token for one workflow, numbered past every one made before.
+
+        Revoked links count too, so a number is never given twice; a name taken
+        all the same (by hand, or by a link made at the same moment) is skipped.
+        """
+        await self.store.get_workflow(workflow_id)
+        row = await self.store.fetch_one(
+            "SELECT count(*) FROM tokens WHERE workflow_id = ? AND scope = ?",
+            (workflow_id, Scope.READ.value),
+        )
+        made = int(row[0])
+        number = made
+        while True:
+            number += 1
+            name = f"share link {number} of {workflow_id}"
+            try:
+                return await self.create_token(name, Scope.READ, workflow_id)
+            except InvalidInput as error:
+                if error.field != "name" or number - made >= SHARE_NAME_TRIES:
+                    raise
 
     async def find(self, secret: str) -> Token | None:
         """Return the live token with this secret, if any."""

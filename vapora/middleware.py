@@ -52,6 +52,16 @@ async def request_middleware(
             if exc.status < 400 or exc.empty_body:
                 raise
             response = http_error_response(request, exc)
+        except Exception:
+            # A bug, not the caller's doing: still an answer in the usual shape
+            # (CancelledError is a BaseException, and passes by). Once a stream
+            # or socket has begun, aiohttp logs it and drops the connection.
+            if request.writer.output_size > 0:
+                raise
+            logger.exception("Unexpected error in %s %s", request.method, request.path)
+            response = error_response(
+                request, 500, "internal_error", "something went wrong on our side", None
+            )
         else:
             if new_seed is not None:
                 set_csrf_cookie(request, response, new_seed)

@@ -78,8 +78,13 @@ def clean_url(value: Any) -> str:
         raise InvalidInput(
             "url", f"url must be text of at most {MAX_URL_CHARS} characters"
         )
-    url = URL(value.strip())
-    if url.scheme not in ("http", "https") or not url.host:
+    try:
+        url = URL(value.strip())
+        host = url.host
+    except ValueError as error:
+        # yarl refuses a malformed address, such as an unclosed IPv6 bracket.
+        raise InvalidInput("url", f"url is not a valid address: {error}") from None
+    if url.scheme not in ("http", "https") or not host:
         raise InvalidInput("url", "url must be an absolute http or https address")
     return str(url)
 
