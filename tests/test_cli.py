@@ -208,3 +208,70 @@ def test_start_up_line_names_the_url(server_process: Any) -> None:
 
     assert len(lines) == 1
     assert server.url.startswith("http://127.0.0.1:")
+
+
+def run_vapora(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vapora", *args],
+        env=dict(os.environ, VAPORA_ADMIN_TOKEN=ADMIN_TOKEN),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def newer_database(path: Path) -> Path:
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 999")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda tmp: tmp / "missing" / "x.db", "does not exist"),
+        (lambda tmp: tmp / "notes.txt", "not a database"),
+        (lambda tmp: newer_database(tmp / "new.db"), "newer than this Vapora"),
+    ],
+)
+def test_a_database_that_cannot_be_used_is_one_clear_line(
+    tmp_path: Path, make: Any, problem: str
+) -> None:
+    (tmp_path / "notes.txt").write_text("shopping list: " + "eggs " * 200)
+    db = make(tmp_path)
+
+    result = run_vapora("serve", "--port", "0", "--db", str(db))
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"--db {db}" in lines[0] and problem in lines[0]
+
+
+def test_backup_takes_the_same_db_forms_as_serve(
+    server_process: Any, tmp_path: Path
+) -> None:
+    served = tmp_path / "run1" / "vapora.db"
+    served.parent.mkdir()
+    server: ServerProcess = server_process("--db", f"sqlite:///{served}", db=served)
+    assert server.proc.poll() is None
+
+    result = run_vapora(
+        "backup", str(tmp_path / "copy.db"), "--db", f"sqlite:///{served}"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "copy.db").exists()
+
+
+def test_backup_into_a_missing_folder_names_it(tmp_path: Path) -> None:
+    db = tmp_path / "vapora.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE workflows (id TEXT)")
+
+    result = run_vapora("backup", str(tmp_path / "gone" / "copy.db"), "--db", str(db))
+
+    assert result.returncode == 1
+    assert str(tmp_path / "gone") in result.stderr
+    assert not list(tmp_path.glob("**/*.partial"))

@@ -57,6 +57,24 @@ def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None
         ({}, {}, "colour = 'blue'\n", "unknown setting 'colour'"),
         ({}, {}, "port = [\n", "not valid TOML"),
         ({"base_path": "vapora/"}, {}, "", "base_path"),
+        (
+            {"heartbeat_s": "nan"},
+            {},
+            "",
+            "--heartbeat-s: heartbeat_s must be a finite number",
+        ),
+        ({}, {"VAPORA_HEARTBEAT_S": "inf"}, "", "heartbeat_s must be a finite number"),
+        ({}, {}, "heartbeat_s = -inf\n", "heartbeat_s must be a finite number"),
+        ({"prune_interval_s": 0.0}, {}, "", "prune_interval_s must be 1 to"),
+        ({"timer_interval_s": 0.0}, {}, "", "timer_interval_s must be 0.01 to"),
+        ({"presence_interval_s": 0.0}, {}, "", "presence_interval_s must be"),
+        (
+            {"retention_days": 1e10},
+            {},
+            "",
+            "retention_days must be 0.001 to 36500 days",
+        ),
+        ({}, {"VAPORA_WEBHOOK_ATTEMPTS": "5000"}, "", "webhook_attempts must be"),
     ],
 )
 def test_bad_settings_are_named_with_their_value(
@@ -71,6 +89,14 @@ def test_bad_settings_are_named_with_their_value(
 
     with pytest.raises(ValueError, match=re.escape(named)):
         Settings.load(given, environ=environ, config=config)
+
+
+def test_zero_still_turns_off_retention_and_freezing() -> None:
+    settings = Settings.load(
+        {"retention_days": 0.0, "gc_freeze_interval_s": 0.0}, environ={}
+    )
+
+    assert (settings.retention_days, settings.gc_freeze_interval_s) == (0.0, 0.0)
 
 
 def test_serve_help_lists_every_setting() -> None:

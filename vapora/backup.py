@@ -17,14 +17,18 @@ def backup(db: str | Path, target: str | Path) -> int:
     never holds a half-written file. Raises FileExistsError if target exists.
     """
     db, target = Path(db), Path(target)
-    if not db.exists():
+    if not db.is_file():
         raise FileNotFoundError(f"no database at {db}")
     if target.exists():
         raise FileExistsError(f"{target} already exists; choose a new name")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"no folder {target.parent} to write {target.name} in")
     partial = target.with_name(target.name + ".partial")
-    source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    # As a URI, a path may hold any character, such as ? or #.
+    source = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True)
     source.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     copy = sqlite3.connect(partial)
+    copied = False
     try:
         # One step copies every page under one read transaction: a consistent
         # snapshot, while writers go on in WAL mode.
@@ -37,8 +41,11 @@ def backup(db: str | Path, target: str | Path) -> int:
             )
         copy.execute("PRAGMA journal_mode = DELETE")
         (count,) = copy.execute("SELECT count(*) FROM workflows").fetchone()
+        copied = True
     finally:
         copy.close()
         source.close()
+        if not copied:
+            partial.unlink(missing_ok=True)
     os.replace(partial, target)
     return int(count)

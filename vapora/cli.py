@@ -11,11 +11,13 @@ import signal
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import logs
 from .backup import backup
 from .client import DEFAULT_URL, STATUSES, Api, ApiError, Watcher, check_url
+from .database import SQLITE_SCHEME, is_postgresql
 from .settings import Settings, hide_password
 from .terminal import make_view, printable, summary
 
@@ -195,18 +197,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "backup":
         logs.configure("INFO", "text")
         db = args.db or Settings.load({}).db
-        if "://" in db and not db.startswith("sqlite:///"):
+        if "://" in db and not db.startswith(SQLITE_SCHEME):
             logger.error(
                 "vapora backup copies SQLite files; for %s use the database's own "
                 "tools (pg_dump)",
                 hide_password(db),
             )
             return 1
-        db = db.removeprefix("sqlite://")
+        # The same forms as serve: a path, or sqlite:/// before one.
+        db = db.removeprefix(SQLITE_SCHEME)
         try:
             count = backup(db, args.path)
-        except (OSError, sqlite3.Error) as error:
+        except OSError as error:
             logger.error("Backup failed: %s", error)
+            return 1
+        except sqlite3.Error as error:
+            logger.error("Backup of %s failed: %s", db, error)
             return 1
         logger.info("Copied %s to %s (%d workflows)", db, args.path, count)
         return 0
@@ -220,10 +226,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
+    except CannotOpenDatabase as error:
+        logger.error("Cannot start: --db %s: %s", hide_password(settings.db), error)
+        return 1
     except OSError as error:
         logger.error("Cannot start: %s", error)
         return 1
     return 0
+
+
+class CannotOpenDatabase(Exception):
+    """The database named by --db cannot be opened or used; says why."""
+
+
+def database_problem(db: str, error: BaseException) -> str:
+    """Say what is wrong with the --db database, in a line for its operator."""
+    if is_postgresql(db):
+        return str(error)
+    path = Path(db.removeprefix(SQLITE_SCHEME))
+    if not path.parent.is_dir():
+        return f"the folder {path.parent} does not exist"
+    return str(error)
 
 
 def os_config() -> str | None:
@@ -300,6 +323,7 @@ async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then close every socket with 1001 and stop."""
     # Imported here so that the API commands start without loading the server.
     from aiohttp import web
+    from asyncpg import PostgresError  # type: ignore[import-untyped]
 
     from .app import create_app
 
@@ -310,7 +334,13 @@ async def serve(settings: Settings) -> None:
         shutdown_timeout=settings.shutdown_timeout_s,
         access_log=None,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except (sqlite3.Error, RuntimeError, PostgresError) as error:
+        # Opening the store is what start-up does first that can fail this way:
+        # a missing folder, a file that is not a database, or a newer schema.
+        await runner.cleanup()
+        raise CannotOpenDatabase(database_problem(settings.db, error)) from error
     site = web.TCPSite(runner, settings.host, settings.port)
     try:
         await site.start()

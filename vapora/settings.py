@@ -7,6 +7,7 @@ checked at start-up with an error that names the setting and the value.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -19,11 +20,31 @@ BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def setting(
-    default: Any, help: str, unit: str = "", choices: tuple[str, ...] = ()
+    default: Any,
+    help: str,
+    unit: str = "",
+    choices: tuple[str, ...] = (),
+    bounds: tuple[float, float] | None = None,
+    off: float | None = None,
 ) -> Any:
+    """Declare a setting; a number outside bounds is refused, but for `off`."""
     return field(
-        default=default, metadata={"help": help, "unit": unit, "choices": choices}
+        default=default,
+        metadata={
+            "help": help,
+            "unit": unit,
+            "choices": choices,
+            "bounds": bounds,
+            "off": off,
+        },
     )
+
+
+# Ranges of the time settings: an interval of 0 would spin a core, and past a
+# few years a date or timer overflows.
+MIN_INTERVAL_S = 0.01
+HOUR_S = 3600.0
+DAY_S = 24 * HOUR_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +81,10 @@ class Settings:
         "", "comma-separated origins, besides this server's, that may open sockets"
     )
     heartbeat_s: float = setting(
-        20.0, "time between pings and heartbeats on each socket", unit="s"
+        20.0,
+        "time between pings and heartbeats on each socket",
+        unit="s",
+        bounds=(0.1, HOUR_S),
     )
     max_queue_bytes: int = setting(
         64 * 1024,
@@ -68,7 +92,10 @@ class Settings:
         unit="bytes",
     )
     stuck_timeout_s: float = setting(
-        30.0, "time a socket may stay unable to take data before it is closed", unit="s"
+        30.0,
+        "time a socket may stay unable to take data before it is closed",
+        unit="s",
+        bounds=(0.1, DAY_S),
     )
     max_resume_events: int = setting(
         1000, "most missed events replayed on resume; past that, a fresh snapshot"
@@ -82,34 +109,59 @@ class Settings:
     max_connections_per_address: int = setting(
         64, "most open sockets and event streams from one client address"
     )
-    session_hours: float = setting(12.0, "how long an admin sign-in lasts", unit="h")
+    session_hours: float = setting(
+        12.0, "how long an admin sign-in lasts", unit="h", bounds=(0.01, 366 * 24)
+    )
     retention_days: float = setting(
         30.0,
         "age after which events and finished workflows are pruned; 0 keeps all",
         unit="days",
+        bounds=(0.001, 36500),
+        off=0,
     )
-    prune_interval_s: float = setting(3600.0, "time between retention passes", unit="s")
+    prune_interval_s: float = setting(
+        3600.0, "time between retention passes", unit="s", bounds=(1, 30 * DAY_S)
+    )
     presence_interval_s: float = setting(
-        1.0, "most often the count of watchers is sent to a page", unit="s"
+        1.0,
+        "most often the count of watchers is sent to a page",
+        unit="s",
+        bounds=(MIN_INTERVAL_S, DAY_S),
     )
     gc_freeze_interval_s: float = setting(
         1.0,
         "time between freezes of long-lived objects, which keeps garbage "
         "collections short with many sockets open; 0 never freezes",
         unit="s",
+        bounds=(MIN_INTERVAL_S, DAY_S),
+        off=0,
     )
     timer_interval_s: float = setting(
-        1.0, "time between checks for gate timeouts and stalled workflows", unit="s"
+        1.0,
+        "time between checks for gate timeouts and stalled workflows",
+        unit="s",
+        bounds=(MIN_INTERVAL_S, HOUR_S),
     )
     webhook_timeout_s: float = setting(
-        5.0, "time a webhook endpoint has to answer one delivery", unit="s"
+        5.0,
+        "time a webhook endpoint has to answer one delivery",
+        unit="s",
+        bounds=(0.1, HOUR_S),
     )
-    webhook_attempts: int = setting(5, "attempts per webhook delivery before giving up")
+    webhook_attempts: int = setting(
+        5, "attempts per webhook delivery before giving up", bounds=(1, 100)
+    )
     webhook_retry_base_s: float = setting(
-        1.0, "wait before the first retry; doubled after each", unit="s"
+        1.0,
+        "wait before the first retry; doubled after each",
+        unit="s",
+        bounds=(MIN_INTERVAL_S, HOUR_S),
     )
     shutdown_timeout_s: float = setting(
-        3.0, "time given to open requests on shutdown", unit="s"
+        3.0,
+        "time given to open requests on shutdown",
+        unit="s",
+        bounds=(0.1, HOUR_S),
     )
     log_level: str = setting(
         "INFO",
@@ -256,8 +308,17 @@ def _convert(f: Any, raw: Any, source: str) -> Any:
         raise ValueError(
             f"{source}: {raw!r} is not a valid {kind.__name__} for {f.name}"
         ) from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{source}: {f.name} must be a finite number, got {raw!r}")
     if kind in (int, float) and value < 0:
         raise ValueError(f"{source}: {f.name} must not be negative, got {raw!r}")
+    bounds, off = f.metadata["bounds"], f.metadata["off"]
+    if bounds and value != off and not bounds[0] <= value <= bounds[1]:
+        unit = f" {f.metadata['unit']}" if f.metadata["unit"] else ""
+        allowed = f"{bounds[0]:.10g} to {bounds[1]:.10g}{unit}"
+        if off is not None:
+            allowed += f", or {off:.10g} for off"
+        raise ValueError(f"{source}: {f.name} must be {allowed}, got {raw!r}")
     choices = f.metadata["choices"]
     if choices and value not in choices:
         raise ValueError(
