@@ -23,9 +23,13 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# Made once: json.loads with any option builds a new decoder on every call.
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def loads_strict(text: str) -> Any:
     """Parse JSON as RFC 8259 has it: NaN and Infinity are no numbers."""
-    return json.loads(text, parse_constant=_refuse_constant)
+    return _STRICT_DECODER.decode(text)
 
 
 async def readable_workflows(request: web.Request, limit: int) -> list[Workflow]:
