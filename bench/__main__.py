@@ -20,7 +20,7 @@ from typing import Any
 from .gcprobe import raise_open_file_limit
 from .report import machine, render
 from .run import DurableResult, RunResult, run_durable, run_size, wait_for_quiet
-from .servers import start_fanout, start_vapora, start_vapora_nodes
+from .servers import Server, start_fanout, start_vapora, start_vapora_nodes
 
 BENCH_DIR = Path(__file__).resolve().parent
 STANDARD_SIZES = (1000, 5000, 10000, 19500)
@@ -140,6 +140,15 @@ def describe(result: RunResult) -> str:
     )
 
 
+def start_server(
+    name: str, folder: Path, cpu: int | None, max_connections: int
+) -> Server:
+    """Start the named server (vapora or fanout) for one measurement."""
+    if name == "vapora":
+        return start_vapora(folder, ADMIN_TOKEN, cpu, max_connections)
+    return start_fanout(folder, cpu)
+
+
 async def measure(args: argparse.Namespace, server_cpu: int | None) -> dict[str, Any]:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     names = [s for s in args.servers.split(",") if s]
@@ -166,10 +175,7 @@ async def measure(args: argparse.Namespace, server_cpu: int | None) -> dict[str,
                 others = await wait_for_quiet(args.quiet_wait_s)
                 if others is not None and others >= 25:
                     say(f"  other processes still use {others:.0f}% of a core")
-                if name == "vapora":
-                    server = start_vapora(folder, ADMIN_TOKEN, server_cpu, size + 1000)
-                else:
-                    server = start_fanout(folder, server_cpu)
+                server = start_server(name, folder, server_cpu, size + 1000)
                 try:
                     result = await load(server, size)
                 finally:
@@ -195,10 +201,7 @@ async def measure(args: argparse.Namespace, server_cpu: int | None) -> dict[str,
         for name in names if args.durable_s > 0 else []:
             await wait_for_quiet(args.quiet_wait_s)
             folder = Path(scratch) / f"{name}-durable"
-            if name == "vapora":
-                server = start_vapora(folder, ADMIN_TOKEN, server_cpu, 64)
-            else:
-                server = start_fanout(folder, server_cpu)
+            server = start_server(name, folder, server_cpu, 64)
             try:
                 durable = await run_durable(
                     server,

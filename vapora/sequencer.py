@@ -116,13 +116,10 @@ class Sequencer:
         for workflow_id, seq in stored.items():
             track = self._tracks.get(workflow_id)
             if track is not None and track.delivered is not None:
-                delivered = track.delivered
+                delivered: int | None = track.delivered
             else:
-                held = [s for s in self.hub.held_seqs(workflow_id) if s >= 0]
-                if not held:
-                    continue  # its subscribers are still opening
-                delivered = min(held)
-            if seq > delivered:
+                delivered = self._least_held(workflow_id)
+            if delivered is not None and seq > delivered:
                 track = track or self._track(workflow_id)
                 track.behind = True
                 self._fill(workflow_id, track)
@@ -225,11 +222,13 @@ class Sequencer:
             if not self.hub.held_seqs(workflow_id):
                 break
             await asyncio.sleep(OPENING_POLL_S)
-        held = [seq for seq in self.hub.held_seqs(workflow_id) if seq >= 0]
-        if held:
-            return min(held)
+        least = self._least_held(workflow_id)
+        if least is not None:
+            return least
         # No one here holds anything yet: start from the stored state.
-        row = await self.store.fetch_one(
-            "SELECT seq FROM workflows WHERE id = ?", (workflow_id,)
-        )
-        return 0 if row is None else int(row[0])
+        return (await self.store.seqs([workflow_id])).get(workflow_id, 0)
+
+    def _least_held(self, workflow_id: str) -> int | None:
+        """The least seq a subscriber here holds; None while all are still opening."""
+        held = [seq for seq in self.hub.held_seqs(workflow_id) if seq >= 0]
+        return min(held, default=None)
