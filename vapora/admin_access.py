@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from .admin import read_form, render, require_admin
@@ -11,6 +13,21 @@ from .errors import VaporaError
 from .webhooks import EVENTS
 
 routes = web.RouteTableDef()
+
+
+def form_page(
+    request: web.Request,
+    template: str,
+    context: dict[str, Any],
+    errors: dict[str, str],
+    values: dict[str, str],
+    status: int,
+    new_secret: str | None,
+) -> web.Response:
+    """A page whose form makes a secret: what was typed, what was wrong with it,
+    and the secret just made, shown this once."""
+    context.update(errors=errors, values=values, new_secret=new_secret)
+    return render(request, template, context, status=status)
 
 
 @routes.get("/admin/tokens", name="admin_tokens")
@@ -32,11 +49,10 @@ async def render_tokens(
         "tokens": [t for t in tokens if not (t.scope is Scope.READ and t.workflow_id)],
         "scopes": list(Scope),
         "workflows": await request.app[STORE].list_workflows(500),
-        "errors": errors,
-        "values": values,
-        "new_secret": new_secret,
     }
-    return render(request, "admin_tokens.html", context, status=status)
+    return form_page(
+        request, "admin_tokens.html", context, errors, values, status, new_secret
+    )
 
 
 @routes.post("/admin/tokens", name="admin_create_token")
@@ -90,11 +106,10 @@ async def render_webhooks(
         "webhooks": webhooks.all(),
         "deliveries": await webhooks.deliveries(),
         "events": EVENTS,
-        "errors": errors,
-        "values": values,
-        "new_secret": new_secret,
     }
-    return render(request, "admin_webhooks.html", context, status=status)
+    return form_page(
+        request, "admin_webhooks.html", context, errors, values, status, new_secret
+    )
 
 
 @routes.post("/admin/webhooks", name="admin_create_webhook")
