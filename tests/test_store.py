@@ -443,7 +443,7 @@ async def test_a_large_log_left_by_an_earlier_run_is_cut_back_at_start(
     conn.executemany("INSERT INTO filler VALUES (?)", [("x" * 4000,)] * 5000)
     log = tmp_path / "v.db-wal"
     grown = log.stat().st_size
-    store = Store(db)  # opened while the other connection still holds the log
+    store = Store(db)  # while the connection that wrote the log is still open
     await store.open()
     try:
         assert grown > 20_000_000
