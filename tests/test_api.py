@@ -434,3 +434,26 @@ async def test_created_summary_counts_steps_in_words(
     ).json()
 
     assert history["events"][-1]["summary"] == f"Created with {summary}"
+
+
+async def test_each_change_answers_the_workflow_as_a_later_read_finds_it(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(client, steps=2)
+    base = f"/api/workflows/{wf['workflow_id']}"
+    changes = [
+        ("advance", {"message": "building"}),
+        ("message", {"message": "half way"}),
+        ("status", {"status": "failed", "message": "boom"}),
+        ("status", {"status": "running", "reopen": True}),
+        ("advance", None),
+    ]
+
+    for action, body in changes:
+        answer = await client.post(f"{base}/{action}", json=body, headers=AUTH)
+        assert answer.status == 200
+        answered = await answer.json()
+        read = await (await client.get(base, headers=AUTH)).json()
+
+        assert read.pop("history")[0]["seq"] == answered["seq"]
+        assert answered == read

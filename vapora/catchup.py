@@ -7,21 +7,22 @@ missed events cannot be served (another database, pruned or too long a gap).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .frames import Encoded, frame_text
-from .model import Workflow, utc_now
+from .model import Workflow, to_json, utc_now
 from .store import Store
 
 HISTORY_IN_SNAPSHOT = 50  # as many as the page shows
 
 
 def workflow_json(workflow: Workflow, history: bool = True) -> str:
+    if not history and workflow.encoded_state is not None:
+        return workflow.encoded_state
     state: dict[str, Any] = workflow.state()
     if history:
         state["history"] = [e.as_dict() for e in workflow.history]
-    return json.dumps(state, ensure_ascii=False, separators=(",", ":"))
+    return to_json(state)
 
 
 async def snapshot(store: Store, workflow_id: str, reason: str) -> Encoded:

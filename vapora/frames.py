@@ -6,10 +6,10 @@ with the event) after a short prefix, so no change is serialised per subscriber.
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any
 
+from .model import to_json
 from .store import Change
 
 OP_TEXT = 0x1
@@ -20,7 +20,7 @@ OP_PING = 0x9
 def frame_text(kind: str, epoch: str, payload: str, **extra: Any) -> str:
     """Return `payload` (a JSON object) with type, epoch and extra fields first."""
     head = {"type": kind, "epoch": epoch, **extra}
-    prefix = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
+    prefix = to_json(head)
     if payload == "{}":
         return prefix
     return prefix[:-1] + "," + payload[1:]
@@ -107,5 +107,5 @@ def heartbeat(now: str) -> Encoded:
 
 def presence_frame(watching: dict[str, int]) -> Encoded:
     """How many watch each workflow now: not history, so it has no seq."""
-    text = json.dumps({"type": "presence", "watching": watching}, separators=(",", ":"))
+    text = to_json({"type": "presence", "watching": watching})
     return Encoded("presence", None, text.encode())

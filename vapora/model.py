@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -55,6 +56,15 @@ MAX_STEP_NAME_CHARS = 200
 MAX_MESSAGE_CHARS = 2000
 MAX_STEPS = 200
 STALL_FLOOR_S = 10.0
+
+
+# Made once: json.dumps with any option builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def to_json(value: Any) -> str:
+    """Encode value as compact JSON text, the form every stored and sent text has."""
+    return _ENCODER.encode(value)
 
 
 def utc_now() -> str:
@@ -138,6 +148,9 @@ class Workflow:
     stall_after_s: float | None = None
     stalled: bool = False
     history: list[Event] = field(default_factory=list)
+    # state() as JSON, set by the store as it saves a change, so that the answer
+    # to the change does not encode it again. No rule runs after that.
+    encoded_state: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def total_steps(self) -> int:
@@ -225,13 +238,14 @@ class Workflow:
 
     def state(self) -> dict[str, Any]:
         """The state every frame and API answer carries."""
+        badge_status, badge_label = self.badge
         return {
             "workflow_id": self.id,
             "name": self.name,
             "status": self.status.value,
             "status_label": self.status.label,
-            "badge_status": self.badge[0],
-            "badge_label": self.badge[1],
+            "badge_status": badge_status,
+            "badge_label": badge_label,
             "stalled": self.stalled,
             "stall_after_s": self.stall_after_s,
             "current_step": self.current_step,

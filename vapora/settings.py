@@ -7,6 +7,7 @@ checked at start-up with an error that names the setting and the value.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tomllib
@@ -270,6 +271,7 @@ def _field(name: str) -> Any:
     return next(f for f in fields(Settings) if f.name == name)
 
 
+@functools.cache  # asked for on every request
 def _csv(value: str) -> frozenset[str]:
     parts = (p.strip().rstrip("/") for p in value.split(","))
     return frozenset(p for p in parts if p)

@@ -17,7 +17,7 @@ import secrets
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +33,7 @@ from .model import (
     Step,
     Workflow,
     summarize,
+    to_json,
     utc_now,
 )
 from .sqlitedb import BUSY_TIMEOUT_MS as BUSY_TIMEOUT_MS
@@ -84,13 +85,14 @@ class WriteOrder:
         self._one = asyncio.Lock() if one_writer else None
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    @asynccontextmanager
-    async def hold(self, workflow_id: str | None) -> AsyncIterator[None]:
+    def hold(self, workflow_id: str | None) -> AbstractAsyncContextManager[None]:
         """Wait for the turn of workflow_id (None: any write, only with one writer)."""
         if self._one is not None:
-            async with self._one:
-                yield
-            return
+            return self._one
+        return self._workflow_turn(workflow_id)
+
+    @asynccontextmanager
+    async def _workflow_turn(self, workflow_id: str | None) -> AsyncIterator[None]:
         if workflow_id is None:
             yield
             return
@@ -459,11 +461,12 @@ class Store:
     ) -> tuple[tuple[Workflow, Change], list[Write]]:
         """Return the statements that save wf and its event, with the change."""
         summary = summarize(kind, wf, message_changed)
-        payload = dict(wf.state(), kind=kind, actor=actor, summary=summary)
-        payload_json = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        steps_json = json.dumps(
-            [s.as_dict() for s in wf.steps], ensure_ascii=False, separators=(",", ":")
-        )
+        state = wf.state()
+        wf.encoded_state = to_json(state)
+        # The event's payload is the state with what happened after it.
+        happened = to_json({"kind": kind, "actor": actor, "summary": summary})
+        payload_json = wf.encoded_state[:-1] + "," + happened[1:]
+        steps_json = to_json(state["steps"])
         row = (
             wf.name,
             wf.status.value,
