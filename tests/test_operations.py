@@ -333,20 +333,40 @@ async def test_every_link_form_and_socket_honours_the_base_path(
     assert (await client.get("/vapora/static/vapora.js")).status == 200
 
 
-async def test_admin_forms_work_under_the_base_path(app_factory: Any) -> None:
+async def test_admin_forms_and_cookies_stay_under_the_base_path(
+    app_factory: Any,
+) -> None:
     client = await app_factory(base_path="/vapora")
-    html = await (await client.get("/vapora/admin/login")).text()
-    csrf = CSRF.search(html)
-    assert csrf and 'action="/vapora/admin/login"' in html
+    login = await client.get("/vapora/admin/login")
+    csrf = CSRF.search(await login.text())
+    assert csrf and 'action="/vapora/admin/login"' in await login.text()
 
     signed_in = await client.post(
         "/vapora/admin/login",
         data={"csrf_token": csrf[1], "token": ADMIN_TOKEN},
         allow_redirects=False,
     )
+    admin = await client.get("/vapora/admin")
+    signed_out = await client.post(
+        "/vapora/admin/logout", data={"csrf_token": csrf[1]}, allow_redirects=False
+    )
+    created = await client.post(
+        "/vapora/api/workflows", json={"name": "w", "steps": ["a"]}, headers=AUTH
+    )
+    wid = (await created.json())["workflow_id"]
+    body = {"name": "link", "scope": "read", "workflow_id": wid}
+    link = await (
+        await client.post("/vapora/api/tokens", json=body, headers=AUTH)
+    ).json()
+    shared = await client.get(f"/vapora/share/{link['token']}", allow_redirects=False)
 
     assert signed_in.headers["Location"] == "/vapora/admin"
-    assert (await client.get("/vapora/admin")).status == 200
+    assert admin.status == 200
+    # Another application on the same host, outside the prefix, never gets them.
+    assert login.cookies["vapora_csrf"]["path"] == "/vapora"
+    assert signed_in.cookies["vapora_session"]["path"] == "/vapora"
+    assert signed_out.cookies["vapora_session"]["path"] == "/vapora"
+    assert shared.cookies[f"vapora_share_{wid}"]["path"] == "/vapora"
 
 
 async def test_trusted_proxy_gives_the_client_address_and_scheme(

@@ -103,6 +103,11 @@ class Auth:
         return hmac.compare_digest(hash_secret(token), self._admin_hash)
 
     @property
+    def cookie_path(self) -> str:
+        """Where the browser sends our cookies: only to this server's paths."""
+        return self.settings.base_path or "/"
+
+    @property
     def public(self) -> bool:
         return self.settings.read_access == "public"
 
@@ -219,7 +224,7 @@ class Auth:
             httponly=True,
             samesite="Lax",
             secure=request.secure,
-            path="/",
+            path=self.cookie_path,
         )
 
     # -- browser sessions ----------------------------------------------------------
@@ -242,7 +247,7 @@ class Auth:
             httponly=True,
             samesite="Lax",
             secure=request.secure,
-            path="/",
+            path=self.cookie_path,
         )
 
     async def sign_out(
@@ -251,7 +256,7 @@ class Auth:
         token = request.cookies.get(SESSION_COOKIE)
         if token:
             await self.credentials.drop_session(token)
-        response.del_cookie(SESSION_COOKIE, path="/")
+        response.del_cookie(SESSION_COOKIE, path=self.cookie_path)
 
     # -- CSRF: a token signed over a random per-browser cookie ----------------
 

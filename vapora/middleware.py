@@ -181,7 +181,7 @@ def set_csrf_cookie(
             httponly=True,
             samesite="Strict",
             secure=request.secure,
-            path="/",
+            path=request.app[AUTH].cookie_path,
         )
 
 
