@@ -250,7 +250,7 @@ def postgres_server() -> Iterator[str]:
             "and VAPORA_TEST_DATABASE_URL is not set"
         )
     folder = Path(tempfile.mkdtemp(prefix="vapora-pg-"))
-    as_owner: list[str] = []
+    as_owner: list[str | Path] = []
     if os.geteuid() == 0:
         # initdb and postgres refuse to run as root.
         try:

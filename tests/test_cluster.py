@@ -157,9 +157,7 @@ async def test_cutting_the_broker_link_mid_burst_loses_nothing_for_any_subscribe
             for i in range(first, total, lanes):
                 acknowledged.append(await say(client, nodes[i % 2], wid, f"m{i}"))
                 if len(acknowledged) == total // 2:
-                    killed.append(
-                        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-                    )
+                    killed.append(await redis.client_kill_filter(_type="pubsub"))
 
         await asyncio.gather(*(lane(k) for k in range(lanes)))
         await until_everyone_has(watchers, tasks, total + 1)

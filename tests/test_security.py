@@ -207,7 +207,8 @@ async def test_admin_page_makes_a_token_and_shows_it_once(
 
 @pytest.fixture
 async def private(app_factory: Any) -> TestClient[Any, Any]:
-    return await app_factory(read_access="private")
+    client: TestClient[Any, Any] = await app_factory(read_access="private")
+    return client
 
 
 async def test_private_workflow_needs_a_reader(private: TestClient[Any, Any]) -> None:

@@ -306,7 +306,7 @@ async def test_list_watchers_get_every_workflows_count(app_factory: Any) -> None
 
     async with client.ws_connect("/api/updates") as listing:
         async with client.ws_connect(f"/api/workflows/{wf['workflow_id']}/updates"):
-            frame = {"type": ""}
+            frame: dict[str, Any] = {"type": ""}
             while frame["type"] != "presence" or not frame["watching"]:
                 frame = await listing.receive_json(timeout=5)
 

@@ -214,7 +214,7 @@ async def test_server_pings_and_sends_heartbeats_on_its_schedule(
         f"/api/workflows/{wf['workflow_id']}/updates", autoping=False
     ) as ws:
         await ws.receive_json(timeout=5)
-        kinds = []
+        kinds: list[aiohttp.WSMsgType] = []
         while aiohttp.WSMsgType.PING not in kinds or len(kinds) < 3:
             msg = await ws.receive(timeout=5)
             kinds.append(msg.type)
