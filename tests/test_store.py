@@ -14,7 +14,7 @@ from vapora import sqlitedb
 from vapora.credentials import Credentials, Scope
 from vapora.errors import InvalidInput, NotFound, RuleViolation, Unavailable
 from vapora.model import Status, StepState
-from vapora.schema import MIGRATIONS, PG_SCHEMA_VERSION, SCHEMA_VERSION
+from vapora.schema import MIGRATIONS, PG_SCHEMA_VERSION, SCHEMA_VERSION, NewerSchema
 from vapora.store import Change, Store
 from vapora.webhooks import Webhooks
 
@@ -519,7 +519,7 @@ async def test_a_file_from_a_newer_release_is_refused(tmp_path: Path) -> None:
     conn.close()
 
     store = Store(tmp_path / "new.db")
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(NewerSchema, match="newer"):
         await store.open()
     await store.close()
 
@@ -549,7 +549,7 @@ async def test_a_postgresql_database_from_a_newer_release_is_refused(
     )
 
     store = Store(postgres_url)
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(NewerSchema, match="newer"):
         await store.open()
     await store.close()
 

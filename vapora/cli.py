@@ -326,6 +326,7 @@ async def serve(settings: Settings) -> None:
     from asyncpg import PostgresError  # type: ignore[import-untyped]
 
     from .app import create_app
+    from .schema import NewerSchema
 
     app = create_app(settings)
     runner = web.AppRunner(
@@ -336,7 +337,7 @@ async def serve(settings: Settings) -> None:
     )
     try:
         await runner.setup()
-    except (sqlite3.Error, RuntimeError, PostgresError) as error:
+    except (sqlite3.Error, NewerSchema, PostgresError) as error:
         # Opening the store is what start-up does first that can fail this way:
         # a missing folder, a file that is not a database, or a newer schema.
         await runner.cleanup()

@@ -19,7 +19,12 @@ import asyncpg  # type: ignore[import-untyped]
 from .database import Plan, Query, Row
 from .errors import RuleViolation
 from .model import utc_now
-from .schema import PG_MIGRATIONS, PG_NEXT_ACTIVITY, PG_SCHEMA_VERSION
+from .schema import (
+    PG_MIGRATIONS,
+    PG_NEXT_ACTIVITY,
+    PG_SCHEMA_VERSION,
+    NewerSchema,
+)
 from .settings import hide_password
 from .stats import Histogram
 
@@ -124,7 +129,7 @@ async def migrate(conn: asyncpg.Connection, name: str) -> None:
         )
         version = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
         if version > PG_SCHEMA_VERSION:
-            raise RuntimeError(
+            raise NewerSchema(
                 f"{name} has schema version {version}, newer than this "
                 f"Vapora understands ({PG_SCHEMA_VERSION}); upgrade Vapora"
             )

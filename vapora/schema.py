@@ -12,6 +12,11 @@ import time
 
 logger = logging.getLogger(__name__)
 
+
+class NewerSchema(Exception):
+    """The database was written by a newer Vapora than this one."""
+
+
 # Each entry upgrades the schema by one version; PRAGMA user_version records how
 # far a file has come. Never edit a released entry: append a new one.
 MIGRATIONS: list[str] = [
@@ -231,7 +236,7 @@ def migrate(conn: sqlite3.Connection, path: str, busy_timeout_ms: int) -> None:
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
+                raise NewerSchema(
                     f"{path} has schema version {version}, newer than this "
                     f"Vapora understands ({SCHEMA_VERSION}); upgrade Vapora"
                 )
