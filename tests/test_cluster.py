@@ -27,6 +27,7 @@ from .conftest import (
     unused_port,
 )
 from .test_delivery import ResumingClient
+from .test_watchers import Receiver
 
 StartServer = Callable[..., ServerProcess]
 
@@ -322,3 +323,41 @@ def test_a_broker_must_be_a_redis_url_and_its_password_is_never_shown() -> None:
         "postgresql://vapora:***@db/vapora",
         "redis://:***@cache:6379/0",
     )
+
+
+async def test_a_webhook_added_through_one_node_is_sent_by_another(
+    server_process: StartServer, redis_url: str, tmp_path: Path
+) -> None:
+    nodes = [
+        server_process("--broker", redis_url, db=tmp_path / "shared.db", env=NODE_ENV)
+        for _ in range(2)
+    ]
+    receiver = Receiver()
+    server = await receiver.start()
+    async with session() as client:
+        hook = await post(
+            client,
+            f"{nodes[0].url}/api/webhooks",
+            {"url": str(server.make_url("/hook")), "events": ["completed"]},
+        )
+        async with asyncio.timeout(10):
+            while hook["id"] not in await webhook_ids(client, nodes[1]):
+                await asyncio.sleep(0.05)
+        wid = await create(client, nodes[1])
+
+        await post(
+            client,
+            f"{nodes[1].url}/api/workflows/{wid}/status",
+            {"status": "completed"},
+        )
+        async with asyncio.timeout(10):
+            await receiver.arrived.wait()
+
+    headers, _ = receiver.bodies[0]
+    assert headers["X-Vapora-Delivery"].endswith(f":{hook['id']}")
+    await server.close()
+
+
+async def webhook_ids(client: aiohttp.ClientSession, node: ServerProcess) -> set[str]:
+    async with client.get(f"{node.url}/api/webhooks", headers=AUTH) as response:
+        return {h["id"] for h in (await response.json())["webhooks"]}

@@ -24,7 +24,7 @@ from .settings import Settings
 from .stats import Stats
 from .store import Store
 from .timers import run_timers
-from .webhooks import Webhooks
+from .webhooks import CLUSTER_RELOAD_S, Webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ async def _store_and_hub(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB]
     hub.epoch = store.epoch
     await app[AUTH].setup()
-    await app[WEBHOOKS].start()
     settings = app[SETTINGS]
+    await app[WEBHOOKS].start(CLUSTER_RELOAD_S if settings.broker else None)
     pauses = collector.PauseTimer(app[STATS])
     pauses.install()
     tasks = [

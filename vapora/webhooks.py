@@ -32,6 +32,8 @@ EVENTS = ("completed", "failed", "waiting", "stalled")
 MAX_URL_CHARS = 2000
 QUEUE_LIMIT = 10_000
 WORKERS = 4
+# With several nodes, how soon one hears of a webhook added or removed on another.
+CLUSTER_RELOAD_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +112,15 @@ class Webhooks:
         self._workers: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
 
-    async def start(self) -> None:
+    async def start(self, reload_every_s: float | None = None) -> None:
+        """Load the webhooks and start sending; reload now and then if asked."""
         await self._reload()
         timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout_s)
         self._session = aiohttp.ClientSession(timeout=timeout)
         self._workers = [asyncio.create_task(self._work()) for _ in range(WORKERS)]
+        if reload_every_s is not None:
+            reloads = self._reload_forever(reload_every_s)
+            self._workers.append(asyncio.create_task(reloads))
 
     async def stop(self) -> None:
         for worker in self._workers:
@@ -171,6 +177,15 @@ class Webhooks:
             )
             for r in rows
         ]
+
+    async def _reload_forever(self, interval_s: float) -> None:
+        """Follow what other nodes add and remove; each sends for its own changes."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self._reload()
+            except Exception as error:
+                logger.warning("Could not reload the webhooks: %s", error)
 
     # -- deliveries ------------------------------------------------------------------
 
