@@ -27,7 +27,7 @@ from .conftest import (
     unused_port,
 )
 from .test_delivery import ResumingClient
-from .test_watchers import Receiver
+from .test_watchers import Receiver, presence_counts
 
 StartServer = Callable[..., ServerProcess]
 
@@ -361,3 +361,31 @@ async def test_a_webhook_added_through_one_node_is_sent_by_another(
 async def webhook_ids(client: aiohttp.ClientSession, node: ServerProcess) -> set[str]:
     async with client.get(f"{node.url}/api/webhooks", headers=AUTH) as response:
         return {h["id"] for h in (await response.json())["webhooks"]}
+
+
+async def test_every_node_counts_the_watchers_of_all_nodes(
+    server_process: StartServer, redis_url: str, tmp_path: Path
+) -> None:
+    env = dict(NODE_ENV, VAPORA_PRESENCE_INTERVAL_S="0.05")
+    a, b = (
+        server_process("--broker", redis_url, db=tmp_path / "shared.db", env=env)
+        for _ in range(2)
+    )
+    async with session() as client:
+        wid = await create(client, a)
+        path = f"/api/workflows/{wid}/updates"
+        here = await client.ws_connect(a.url + path)
+        there = [await client.ws_connect(b.url + path) for _ in range(2)]
+
+        async with asyncio.timeout(30):
+            with_both = await presence_counts(here, wid, until=3)
+            async with client.get(f"{b.url}/workflows/{wid}") as response:
+                page = await response.text()
+            await there[0].close()
+            one_left = await presence_counts(here, wid, until=2)
+            b.stop(signal.SIGKILL)
+            b_gone = await presence_counts(here, wid, until=1)
+        await here.close()
+
+    assert with_both[-1] == 3 and one_left[-1] == 2 and b_gone[-1] == 1
+    assert '<span data-field="watching">3</span> watching now' in page

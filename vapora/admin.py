@@ -101,7 +101,7 @@ async def render_admin(
         "workflows": workflows,
         "errors": errors,
         "values": values,
-        "watching": {w.id: hub.subscribers(w.id) for w in workflows},
+        "watching": {w.id: hub.watching(w.id) for w in workflows},
     }
     return render(request, "admin.html", context, status=status)
 

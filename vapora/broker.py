@@ -3,20 +3,23 @@
 Each node publishes its own commits on one Redis channel, named after the
 database's epoch so that clusters on other databases never mix, and hands
 what it hears from the other nodes to its sequencer, which delivers each
-workflow's changes in order and fills any gap from the store. Redis keeps
-nothing for a node that is away, so losing it is never silent: the node
-reports not ready, logs a warning, reconnects with backoff, and once back
-catches every watched workflow up from the store and sends what it could not.
+workflow's changes in order and fills any gap from the store. Each node also
+tells the others, every second, how many watch each workflow through it, so
+that every page counts all the watchers. Redis keeps nothing for a node that
+is away, so losing it is never silent: the node reports not ready, logs a
+warning, reconnects with backoff, and once back catches every watched workflow
+up from the store and sends what it could not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -46,6 +49,9 @@ OUTBOX_LIMIT = 10_000
 # How often the watched workflows are compared with the store, for changes a
 # node committed and died before publishing.
 SWEEP_S = 2.0
+# How often each node tells the others how many watch each workflow through it;
+# a node not heard from for three times as long counts no watchers.
+SHARE_WATCHERS_S = 1.0
 
 
 def encode(node: str, change: Change) -> bytes:
@@ -89,6 +95,7 @@ class Broker:
     def __init__(self, url: str, store: Store, hub: Hub) -> None:
         self.url = url
         self.store = store
+        self.hub = hub
         self.node = secrets.token_hex(6)
         self.sequencer = Sequencer(store, hub)
         # Why this node is not ready, or None while the link is up.
@@ -99,10 +106,16 @@ class Broker:
         self._tried = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # Each other node's watchers by workflow, and when it last said so.
+        self._watchers: dict[str, tuple[dict[str, int], float]] = {}
 
     @property
     def channel(self) -> str:
         return f"vapora:{self.store.epoch}:changes"
+
+    @property
+    def watchers_channel(self) -> str:
+        return f"vapora:{self.store.epoch}:watchers"
 
     def on_commit(self, change: Change) -> None:
         """Deliver a local commit here at once, and queue it for the other nodes."""
@@ -164,7 +177,7 @@ class Broker:
         pubsub = client.pubsub()
         tasks: list[asyncio.Task[None]] = []
         try:
-            await pubsub.subscribe(self.channel)
+            await pubsub.subscribe(self.channel, self.watchers_channel)
             await client.ping()
             was_down = self.problem
             self.problem = None
@@ -178,6 +191,7 @@ class Broker:
             tasks = [
                 asyncio.create_task(self._listen(pubsub)),
                 asyncio.create_task(self._publish(client)),
+                asyncio.create_task(self._share_watchers(client)),
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -187,6 +201,9 @@ class Broker:
             await asyncio.gather(
                 pubsub.aclose(), client.aclose(), return_exceptions=True
             )
+            # Cut off from the others, this node can vouch for its own only.
+            self._watchers.clear()
+            self.hub.set_elsewhere({})
 
     async def _listen(self, pubsub: PubSub) -> None:
         loop = asyncio.get_running_loop()
@@ -206,6 +223,9 @@ class Broker:
             heard = now
             if message["type"] != "message":
                 continue
+            if message["channel"].decode() == self.watchers_channel:
+                self._take_watchers(message["data"], now)
+                continue
             try:
                 node, change = decode(message["data"])
             except ValueError:
@@ -213,6 +233,43 @@ class Broker:
                 continue
             if node != self.node:
                 self.sequencer.offer(change)
+
+    async def _share_watchers(self, client: aioredis.Redis) -> None:
+        """Say how many watch through this node; forget nodes gone silent."""
+        loop = asyncio.get_running_loop()
+        while True:
+            counts = self.hub.watched_here()
+            await client.publish(
+                self.watchers_channel, f"{self.node} {json.dumps(counts)}"
+            )
+            silent = loop.time() - 3 * SHARE_WATCHERS_S
+            gone = [n for n, (_, at) in self._watchers.items() if at < silent]
+            if gone:
+                for node in gone:
+                    del self._watchers[node]
+                self._count_elsewhere()
+            await asyncio.sleep(SHARE_WATCHERS_S)
+
+    def _take_watchers(self, data: bytes, now: float) -> None:
+        try:
+            node, _, text = data.decode().partition(" ")
+            counts = json.loads(text)
+            if not isinstance(counts, dict) or not all(
+                type(n) is int for n in counts.values()
+            ):
+                raise ValueError("not counts")
+        except ValueError:
+            logger.warning("Ignoring a malformed message on %s", self.watchers_channel)
+            return
+        if node != self.node:
+            self._watchers[node] = (counts, now)
+            self._count_elsewhere()
+
+    def _count_elsewhere(self) -> None:
+        total: Counter[str] = Counter()
+        for counts, _ in self._watchers.values():
+            total.update(counts)
+        self.hub.set_elsewhere(dict(total))
 
     async def _publish(self, client: aioredis.Redis) -> None:
         while True:

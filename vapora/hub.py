@@ -56,6 +56,8 @@ class Hub:
         self._everything: dict[Subscriber, None] = {}
         self._presence_dirty: set[str] = set()
         self._presence_everything = False
+        # With several nodes: how many watch each workflow through the others.
+        self._elsewhere: dict[str, int] = {}
         # Subscribers that have left since start, for the garbage collector.
         self.left = 0
 
@@ -119,12 +121,13 @@ class Hub:
         everything, self._presence_everything = self._presence_everything, False
         counts: dict[str, int] = {}
         for workflow_id in dirty:
+            counts[workflow_id] = self.watching(workflow_id)
             group = self._groups.get(workflow_id)
-            counts[workflow_id] = len(group) if group else 0
             if group:
-                self._notify(group, presence_frame({workflow_id: len(group)}))
+                self._notify(group, presence_frame({workflow_id: counts[workflow_id]}))
         if everything:
-            counts = {w: len(g) for w, g in self._groups.items()}
+            watched = self._groups.keys() | self._elsewhere.keys()
+            counts = {w: self.watching(w) for w in watched}
         if counts and self._everything:
             self._notify(self._everything, presence_frame(counts))
 
@@ -166,6 +169,22 @@ class Hub:
     def held_seqs(self, workflow_id: str) -> list[int]:
         """The last seq each subscriber of the workflow holds (-1: still opening)."""
         return [sub.last_seq for sub in self._groups.get(workflow_id, ())]
+
+    def watching(self, workflow_id: str) -> int:
+        """How many watch the workflow, through this node and any other."""
+        group = self._groups.get(workflow_id)
+        return (len(group) if group else 0) + self._elsewhere.get(workflow_id, 0)
+
+    def watched_here(self) -> dict[str, int]:
+        """How many watch each workflow through this node, for the other nodes."""
+        return {w: len(g) for w, g in self._groups.items()}
+
+    def set_elsewhere(self, counts: dict[str, int]) -> None:
+        """Take how many watch each workflow through the other nodes."""
+        before, self._elsewhere = self._elsewhere, counts
+        for workflow_id in before.keys() | counts.keys():
+            if before.get(workflow_id) != counts.get(workflow_id):
+                self._presence_dirty.add(workflow_id)
 
     def subscribers(self, workflow_id: str | None = None) -> int:
         """Count subscribers: of one workflow, or in all."""

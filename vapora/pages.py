@@ -32,7 +32,7 @@ async def index(request: web.Request) -> dict[str, Any]:
         "workflows": workflows,
         "epoch": store.epoch,
         "live_list": everything,
-        "watching": {w.id: hub.subscribers(w.id) for w in workflows},
+        "watching": {w.id: hub.watching(w.id) for w in workflows},
     }
 
 
@@ -49,7 +49,7 @@ async def workflow_page(request: web.Request) -> dict[str, Any]:
     return {
         "workflow": workflow,
         "epoch": store.epoch,
-        "watching": request.app[HUB].subscribers(workflow.id),
+        "watching": request.app[HUB].watching(workflow.id),
         "medians": medians,
         "finish_at": estimate_finish(workflow, medians),
     }
