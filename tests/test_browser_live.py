@@ -334,3 +334,29 @@ def test_page_under_a_base_path_goes_live(
     received = page.evaluate("window.__received")
     assert all(urlsplit(f["url"]).path.startswith("/vapora/") for f in received)
     pages.assert_clean()
+
+
+@pytest.mark.browser
+def test_page_with_estimates_from_past_runs_goes_live(
+    server_process: StartServer, pages: Pages
+) -> None:
+    server = server_process()
+    steps = ["build", "ship \"prod\" & 'co' <now>"]
+    done = new_workflow(server.url, "Nightly", steps)
+    for _ in steps:
+        api(server.url, f"/api/workflows/{done}/advance", {})
+    api(server.url, f"/api/workflows/{done}/advance", {})
+    workflow_id = new_workflow(server.url, "Nightly", steps)
+    api(server.url, f"/api/workflows/{workflow_id}/advance", {})
+
+    page = pages.open(f"{server.url}/workflows/{workflow_id}")
+    expect_live(page)
+    api(server.url, f"/api/workflows/{workflow_id}/message", {"message": "Tonight"})
+
+    expect(field(page, "message")).to_have_text("Tonight", timeout=LIVE_TIMEOUT_MS)
+    expect(page.locator("body")).not_to_have_attribute("hidden", re.compile(".*"))
+    assert page.evaluate("Object.keys(JSON.parse(document.body.dataset.medians))") == [
+        "build",
+        steps[1],
+    ]
+    pages.assert_clean()
