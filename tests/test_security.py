@@ -494,3 +494,28 @@ def test_backup_refuses_to_overwrite(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         backup(tmp_path / "db", tmp_path / "copy")
     assert (tmp_path / "copy").read_text() == "keep me"
+
+
+async def test_a_sign_in_cookie_reads_the_api_but_changes_nothing(
+    private: TestClient[Any, Any],
+) -> None:
+    await sign_in(private)
+    wf = await create_workflow(private)
+    body = {"name": "admin", "scope": "admin"}
+
+    read = await private.get(f"/api/workflows/{wf['workflow_id']}")
+    # What a page on another site could make a signed-in browser send.
+    created = await private.post(
+        "/api/workflows",
+        data='{"name": "x", "steps": ["a"]}',
+        headers={"Content-Type": "text/plain"},
+    )
+    token = await private.post("/api/tokens", json=body)
+    hook = await private.post("/api/webhooks", json={"url": "http://127.0.0.1:9/"})
+    advanced = await private.post(f"/api/workflows/{wf['workflow_id']}/advance")
+
+    assert read.status == 200
+    assert [r.status for r in (created, token, hook, advanced)] == [401] * 4
+    listing = await (await private.get("/api/workflows")).json()
+    assert [w["workflow_id"] for w in listing["workflows"]] == [wf["workflow_id"]]
+    assert (await (await private.get("/api/tokens")).json())["tokens"] == []

@@ -27,6 +27,7 @@ ADMIN = Principal("admin", Scope.ADMIN)
 # A CSRF seed made for this request, before its cookie reaches the browser.
 NEW_CSRF_SEED = web.RequestKey("new_csrf_seed", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
+READING_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class FailureThrottle:
@@ -114,11 +115,17 @@ class Auth:
     # -- finding the principal ---------------------------------------------------
 
     async def principal(self, request: web.Request) -> Principal | None:
-        """Return who sent the request: a bearer token or an admin session."""
+        """Return who sent the request: a bearer token or an admin session.
+
+        A browser sends its sign-in cookie with requests that other sites make
+        it send, so the cookie counts for reading only. People change things
+        through forms that carry a CSRF token; scripts send a bearer token.
+        """
         if PRINCIPAL in request:
             return request[PRINCIPAL]
         found = await self._bearer(request)
-        if found is None and await self.is_signed_in(request):
+        reading = request.method in READING_METHODS
+        if found is None and reading and await self.is_signed_in(request):
             found = ADMIN
         if found is not None:
             request[PRINCIPAL] = found
