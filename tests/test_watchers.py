@@ -514,3 +514,82 @@ async def test_admin_page_adds_lists_and_removes_webhooks(
     assert removed.status == 303
     listing = await (await client.get("/api/webhooks", headers=AUTH)).json()
     assert listing["webhooks"] == []
+
+
+async def test_a_gate_cannot_be_skipped_by_completing_the_workflow(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_gated(client)
+    wid = wf["workflow_id"]
+    url = f"/api/workflows/{wid}/status"
+
+    before = await client.post(url, json={"status": "completed"}, headers=AUTH)
+    await advance(client, wid)
+    await advance(client, wid)
+    at_gate = await client.post(url, json={"status": "completed"}, headers=AUTH)
+    cancelled = await client.post(url, json={"status": "cancelled"}, headers=AUTH)
+
+    assert (before.status, at_gate.status, cancelled.status) == (409, 409, 200)
+    assert (
+        "step 2 needs a person's approval" in (await at_gate.json())["error"]["message"]
+    )
+    state = await cancelled.json()
+    assert state["steps"][1]["gate"]["decision"] is None
+
+
+async def test_a_reopened_gate_waits_again_with_its_full_timeout(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_gated(client, {"timeout_s": 3600})
+    wid = wf["workflow_id"]
+    await advance(client, wid)
+    await advance(client, wid)
+    await answer(client, wid, "reject", "not today")
+    rejected = await (await client.get(f"/api/workflows/{wid}")).json()
+
+    reopened = await client.post(
+        f"/api/workflows/{wid}/status",
+        json={"status": "running", "reopen": True},
+        headers=AUTH,
+    )
+
+    state = await reopened.json()
+    assert reopened.status == 200
+    assert state["status"] == "waiting"
+    assert state["steps"][1]["gate"]["decision"] is None
+    assert state["steps"][1]["started_at"] > rejected["steps"][1]["started_at"]
+    stored = await client.app[STORE].get_workflow(wid)
+    assert stored.gate_deadline is not None
+    assert stored.gate_deadline > _now_plus(3500)
+
+
+async def test_each_gate_in_a_row_sends_its_own_waiting_webhook(
+    app_factory: Any,
+) -> None:
+    client = await app_factory()
+    receiver = Receiver()
+    server = await receiver.start()
+    await client.post(
+        "/api/webhooks",
+        json={"url": str(server.make_url("/hook")), "events": ["waiting"]},
+        headers=AUTH,
+    )
+    steps = ["build", {"name": "qa", "gate": True}, {"name": "prod", "gate": True}]
+    made = await client.post(
+        "/api/workflows", json={"name": "Release", "steps": steps}, headers=AUTH
+    )
+    wid = (await made.json())["workflow_id"]
+
+    await advance(client, wid)
+    await advance(client, wid)
+    await answer(client, wid, "approve", "qa passed")
+    async with asyncio.timeout(10):
+        while len(receiver.bodies) < 2:
+            await receiver.arrived.wait()
+            receiver.arrived.clear()
+
+    waiting_at = [
+        json.loads(body)["workflow"]["current_step"] for _, body in receiver.bodies
+    ]
+    assert waiting_at == [2, 3]
+    await server.close()

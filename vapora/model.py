@@ -317,6 +317,12 @@ class Workflow:
                 "status",
                 f"step {self.current_step} waits for a person: approve or reject it",
             )
+        if status is Status.COMPLETED and (gated := self._unanswered_gate()):
+            raise RuleViolation(
+                "status",
+                f"step {gated} needs a person's approval first: approve or reject "
+                "it, or cancel the workflow",
+            )
         if self.current_step == 0:
             self.current_step = 1
             self._start_current(now)
@@ -348,7 +354,11 @@ class Workflow:
         if current.gate is not None and current.gate.decision == "rejected":
             gate = current.gate
             current.gate = Gate(gate.approvers, gate.timeout_s, gate.on_timeout)
-        self.status = Status.WAITING if self.open_gate else Status.RUNNING
+            # The wait, and so its timeout, starts again.
+            current.started_at = now
+        self.status = Status.RUNNING
+        if self.open_gate is not None:
+            self.status = Status.WAITING
         return "reopened"
 
     def reset(self) -> str:
@@ -363,6 +373,14 @@ class Workflow:
         self.current_step = 0
         self.status = Status.PENDING
         return "reset"
+
+    def _unanswered_gate(self) -> int | None:
+        """Number the first step, the current one or a later one, with an open gate."""
+        for number in range(max(self.current_step, 1), self.total_steps + 1):
+            gate = self.steps[number - 1].gate
+            if gate is not None and gate.decision is None:
+                return number
+        return None
 
     def _start_current(self, now: str) -> None:
         step = self.steps[self.current_step - 1]

@@ -340,7 +340,9 @@ class Store:
 
         def rule(wf: Workflow, now: str) -> str:
             wf.reopen(now)
-            wf.set_status(status, now)
+            # Back at a gate, "running" means waiting for its answer again.
+            if not (status is Status.RUNNING and wf.open_gate is not None):
+                wf.set_status(status, now)
             return "reopened"
 
         return await self._change(workflow_id, actor, message, rule)

@@ -64,6 +64,8 @@ def event_of(change: Change) -> str | None:
     """Name the webhook event a change raises, if any."""
     if change.kind == "stalled":
         return "stalled"
+    if change.status is Status.WAITING and change.kind in ("advanced", "approved"):
+        return "waiting"  # a gate waits, even right after another
     if change.status is change.previous_status:
         return None
     if change.status in (Status.COMPLETED, Status.FAILED, Status.WAITING):
