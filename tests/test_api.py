@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import pytest
@@ -457,3 +458,47 @@ async def test_each_change_answers_the_workflow_as_a_later_read_finds_it(
 
         assert read.pop("history")[0]["seq"] == answered["seq"]
         assert answered == read
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body", "message"),
+    [
+        (
+            "/api/workflows",
+            "application/json; charset=bogus",
+            b'{"name": "x", "steps": ["a"]}',
+            "the body's charset 'bogus' is unknown",
+        ),
+        (
+            "/admin/login",
+            "application/x-www-form-urlencoded; charset=bogus",
+            b"token=x",
+            "the form's charset 'bogus' is unknown",
+        ),
+        (
+            "/admin/login",
+            "multipart/form-data; boundary=x",
+            b"--x\r\nbroken",
+            "the form is malformed",
+        ),
+        ("/admin/login", "multipart/form-data", b"--x\r\n", "the form is malformed"),
+    ],
+    ids=["json-charset", "form-charset", "broken-multipart", "no-boundary"],
+)
+async def test_a_body_that_cannot_be_read_is_a_400_saying_why(
+    client: TestClient[Any, Any],
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    content_type: str,
+    body: bytes,
+    message: str,
+) -> None:
+    response = await client.post(
+        path, data=body, headers={**AUTH, "Content-Type": content_type}
+    )
+
+    assert response.status == 400
+    assert message in html.unescape(await response.text())
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    listing = await (await client.get("/api/workflows", headers=AUTH)).json()
+    assert listing["workflows"] == []

@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .app_keys import AUTH, HUB, STORE
 from .auth import ADMIN, CSRF_FIELD
@@ -14,7 +15,7 @@ from .credentials import Scope
 from .errors import InvalidInput, TooManyRequests, VaporaError
 from .model import Status, Workflow
 from .store import Store
-from .validate import clean_status
+from .validate import clean_status, excerpt
 
 routes = web.RouteTableDef()
 
@@ -22,8 +23,15 @@ FormAction = Callable[[Store, str, Any], Awaitable[Workflow]]
 
 
 async def read_form(request: web.Request) -> dict[str, str]:
-    """Return the posted form after checking its CSRF token (403 when wrong)."""
-    form = await request.post()
+    """Return the posted form after checking its CSRF token (400, 403 when wrong)."""
+    try:
+        form = await request.post()
+    except LookupError:
+        charset = excerpt(request.charset or "")
+        raise InvalidInput(None, f"the form's charset {charset} is unknown") from None
+    except (ValueError, HttpProcessingError):
+        # Such as a multipart body without its boundary, or broken inside.
+        raise InvalidInput(None, "the form is malformed") from None
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     request.app[AUTH].check_csrf(request, fields.get(CSRF_FIELD, ""))
     return fields

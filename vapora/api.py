@@ -64,6 +64,9 @@ async def read_json(request: web.Request, *fields: str) -> dict[str, Any]:
         raise InvalidInput(
             None, "the body is not valid JSON: nested too deeply"
         ) from None
+    except LookupError:
+        charset = excerpt(request.charset or "")
+        raise InvalidInput(None, f"the body's charset {charset} is unknown") from None
     if not isinstance(body, dict):
         raise InvalidInput(None, "the body must be a JSON object")
     unknown = sorted(set(body) - set(fields))
