@@ -519,3 +519,25 @@ async def test_a_sign_in_cookie_reads_the_api_but_changes_nothing(
     listing = await (await private.get("/api/workflows")).json()
     assert [w["workflow_id"] for w in listing["workflows"]] == [wf["workflow_id"]]
     assert (await (await private.get("/api/tokens")).json())["tokens"] == []
+
+
+@pytest.mark.parametrize(
+    ("new_token", "still_signed_in"), [(None, True), ("a-new-admin-token", False)]
+)
+async def test_changing_the_admin_token_signs_every_browser_out(
+    app_factory: Any, new_token: str | None, still_signed_in: bool
+) -> None:
+    before = await app_factory()
+    await sign_in(before)
+    cookie = before.session.cookie_jar.filter_cookies(before.make_url("/"))
+    session = cookie["vapora_session"].value
+    await before.close()
+
+    after = await app_factory(**({"admin_token": new_token} if new_token else {}))
+    admin = await after.get(
+        "/admin", cookies={"vapora_session": session}, allow_redirects=False
+    )
+
+    assert (admin.status == 200) is still_signed_in
+    if not still_signed_in:
+        assert admin.headers["Location"] == "/admin/login"

@@ -84,10 +84,12 @@ class Auth:
             "csrf_secret", lambda: secrets.token_hex(32)
         )
         self._secret = bytes.fromhex(secret)
+        self._admin_hash = await self._load_admin_hash()
+        await self._end_sessions_of_an_old_token()
 
+    async def _load_admin_hash(self) -> str:
         if self.settings.admin_token:
-            self._admin_hash = hash_secret(self.settings.admin_token)
-            return
+            return hash_secret(self.settings.admin_token)
         token = secrets.token_urlsafe(24)
         stored = await self.store.ensure_meta(
             "admin_token_hash", lambda: hash_secret(token)
@@ -98,7 +100,20 @@ class Auth:
                 "(set VAPORA_ADMIN_TOKEN to choose your own)",
                 token,
             )
-        self._admin_hash = stored
+        return stored
+
+    async def _end_sessions_of_an_old_token(self) -> None:
+        """Sign every browser out when the admin token is not the one they used.
+
+        Changing a leaked token must also lock out those who signed in with it.
+        """
+        signed_in_with = await self.store.get_meta("sessions_admin_token_hash")
+        if signed_in_with == self._admin_hash:
+            return
+        if signed_in_with is not None:
+            ended = await self.credentials.drop_all_sessions()
+            logger.info("The admin token changed; signed out %d browser(s)", ended)
+        await self.store.set_meta("sessions_admin_token_hash", self._admin_hash)
 
     def is_admin_token(self, token: str) -> bool:
         return hmac.compare_digest(hash_secret(token), self._admin_hash)
