@@ -185,6 +185,18 @@ async def test_unknown_workflow_is_a_json_404(client: TestClient[Any, Any]) -> N
         assert (await response.json())["error"]["code"] == "not_found"
 
 
+async def test_a_404_quotes_only_the_start_of_a_long_id(
+    client: TestClient[Any, Any],
+) -> None:
+    for path in ("/api/workflows/", "/api/tokens/", "/api/webhooks/"):
+        method = "GET" if path == "/api/workflows/" else "DELETE"
+        response = await client.request(method, path + "w" * 5000, headers=AUTH)
+
+        assert response.status == 404, path
+        message = (await response.json())["error"]["message"]
+        assert len(message) < 100 and message.endswith("...'"), message
+
+
 async def test_unknown_api_route_is_a_json_404(client: TestClient[Any, Any]) -> None:
     response = await client.get("/api/nothing-here")
 

@@ -17,7 +17,7 @@ import aiosqlite
 from .errors import InvalidInput, NotFound
 from .model import utc_now
 from .store import Store, hash_secret
-from .validate import clean_text
+from .validate import clean_text, excerpt
 
 TOKEN_PREFIX = "vpr_"
 UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE for a duplicate key
@@ -201,7 +201,7 @@ class Credentials:
             (utc_now(), token_id),
         )
         if not changed:
-            raise NotFound("token_id", f"no live token with id {token_id!r}")
+            raise NotFound("token_id", f"no live token with id {excerpt(token_id, 40)}")
 
     # -- admin sessions --------------------------------------------------------
 

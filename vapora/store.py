@@ -38,7 +38,13 @@ from .model import (
 )
 from .sqlitedb import BUSY_TIMEOUT_MS as BUSY_TIMEOUT_MS
 from .stats import Stats
-from .validate import clean_decision, clean_stall_after, clean_steps, clean_text
+from .validate import (
+    clean_decision,
+    clean_stall_after,
+    clean_steps,
+    clean_text,
+    excerpt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +198,9 @@ class Store:
             "SELECT * FROM workflows WHERE id = ?", (workflow_id,)
         )
         if row is None:
-            raise NotFound("workflow_id", f"no workflow with id {workflow_id!r}")
+            raise NotFound(
+                "workflow_id", f"no workflow with id {excerpt(workflow_id, 40)}"
+            )
         workflow = _workflow_from_row(row)
         if history:
             workflow.history = await self.history(workflow_id, history)
@@ -423,7 +431,9 @@ class Store:
 
         def plan(row: Row | None) -> tuple[tuple[Workflow, Change], list[Write]]:
             if row is None:
-                raise NotFound("workflow_id", f"no workflow with id {workflow_id!r}")
+                raise NotFound(
+                    "workflow_id", f"no workflow with id {excerpt(workflow_id, 40)}"
+                )
             workflow = _workflow_from_row(row)
             previous = workflow.status
             now = utc_now()

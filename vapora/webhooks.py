@@ -25,6 +25,7 @@ from .errors import InvalidInput, NotFound
 from .model import Status, utc_now
 from .settings import Settings
 from .store import Change, Store
+from .validate import excerpt
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,9 @@ class Webhooks:
         if not await self.store.execute(
             "DELETE FROM webhooks WHERE id = ?", (webhook_id,)
         ):
-            raise NotFound("webhook_id", f"no webhook with id {webhook_id!r}")
+            raise NotFound(
+                "webhook_id", f"no webhook with id {excerpt(webhook_id, 40)}"
+            )
         await self._reload()
 
     def all(self) -> list[Webhook]:
