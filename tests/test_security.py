@@ -227,6 +227,25 @@ async def test_private_workflow_needs_a_reader(private: TestClient[Any, Any]) ->
     assert "Deploy" not in index
 
 
+async def test_a_stranger_cannot_tell_which_private_ids_exist(
+    private: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(private)
+
+    answers = {}
+    for wid in (wf["workflow_id"], "no-such-flow"):
+        answers[wid] = [
+            (await private.get(f"/workflows/{wid}")).status,
+            (await private.get(f"/api/workflows/{wid}")).status,
+            (
+                await private.get(f"/api/workflows/{wid}/updates", headers=UPGRADE)
+            ).status,
+            (await private.get(f"/api/workflows/{wid}/events")).status,
+        ]
+
+    assert answers[wf["workflow_id"]] == answers["no-such-flow"] == [401] * 4
+
+
 async def test_private_workflow_is_open_to_admins_and_read_tokens(
     private: TestClient[Any, Any],
 ) -> None:

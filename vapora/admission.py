@@ -51,8 +51,10 @@ async def admit(request: web.Request, workflow_id: str | None) -> None:
         if not await auth.reads_everything(request):
             await auth.require_read(request, "")
         return
-    await request.app[STORE].get_workflow(workflow_id)
+    # Permission first: a 404 for an unknown id and a 401 for a private one
+    # would tell anyone which ids exist.
     await auth.require_read(request, workflow_id)
+    await request.app[STORE].get_workflow(workflow_id)
 
 
 # Two calls rather than a context manager, which would be kept alive, with its
