@@ -83,6 +83,20 @@ async def test_unknown_workflow_gets_404_before_the_upgrade(
     assert (await response.json())["error"]["field"] == "workflow_id"
 
 
+async def test_a_plain_get_of_a_socket_address_says_to_upgrade(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_workflow(client)
+
+    for path in (f"/api/workflows/{wf['workflow_id']}/updates", "/api/updates"):
+        response = await client.get(path)
+
+        assert response.status == 400
+        error = (await response.json())["error"]
+        assert error["field"] == "Upgrade"
+        assert "send Upgrade: websocket" in error["message"]
+
+
 async def test_each_change_arrives_once_in_seq_order(
     client: TestClient[Any, Any],
 ) -> None:

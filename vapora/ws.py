@@ -17,6 +17,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .admission import admit, free_slot, parse_after, take_slot
 from .app_keys import HUB, SETTINGS, STORE
+from .errors import InvalidInput
 from .frames import OP_CLOSE, Encoded, Outgoing, ws_frame
 from .subscriber import Subscriber
 
@@ -98,6 +99,11 @@ async def subscribe(request: web.Request) -> web.WebSocketResponse:
     # One frame for the socket's whole life: each coroutine it waits in is kept
     # for as long as the socket is open.
     workflow_id = request.match_info.get("workflow_id")
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        raise InvalidInput(
+            "Upgrade",
+            "this address takes WebSocket connections: send Upgrade: websocket",
+        )
     after = None if workflow_id is None else parse_after(request)
     await admit(request, workflow_id)
     take_slot(request)
