@@ -75,6 +75,28 @@ def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None
             "retention_days must be 0.001 to 36500 days",
         ),
         ({}, {"VAPORA_WEBHOOK_ATTEMPTS": "5000"}, "", "webhook_attempts must be"),
+        # aiohttp reads a size limit of 0 as no limit at all.
+        ({"max_body_bytes": 0}, {}, "", "max_body_bytes must be 1024 to"),
+        ({"max_incoming_bytes": 0}, {}, "", "max_incoming_bytes must be 64 to"),
+        ({"max_connections_per_address": 0}, {}, "", "must be 1 to 1000000"),
+        (
+            {"trusted_proxies": "127.0.0.1, notanip"},
+            {},
+            "",
+            "trusted_proxies must list IP addresses, got 'notanip'",
+        ),
+        (
+            {"allowed_origins": "https://ok.example, evil"},
+            {},
+            "",
+            "allowed_origins must list origins such as https://example.com, got 'evil'",
+        ),
+        (
+            {"allowed_origins": "https://ok.example/path"},
+            {},
+            "",
+            "got 'https://ok.example/path'",
+        ),
     ],
 )
 def test_bad_settings_are_named_with_their_value(
@@ -89,6 +111,19 @@ def test_bad_settings_are_named_with_their_value(
 
     with pytest.raises(ValueError, match=re.escape(named)):
         Settings.load(given, environ=environ, config=config)
+
+
+def test_proxies_and_origins_take_addresses_and_origins() -> None:
+    settings = Settings.load(
+        {
+            "trusted_proxies": "127.0.0.1, ::1",
+            "allowed_origins": "https://ok.example, http://[::1]:8080/",
+        },
+        environ={},
+    )
+
+    assert settings.proxies == {"127.0.0.1", "::1"}
+    assert settings.origins == {"https://ok.example", "http://[::1]:8080"}
 
 
 def test_zero_still_turns_off_retention_and_freezing() -> None:

@@ -10,7 +10,6 @@ socket, so they are one.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from aiohttp import web
 from .app_keys import AUTH, SETTINGS, STATS
 from .auth import CSRF_COOKIE, NEW_CSRF_SEED
 from .errors import RetryLater, VaporaError
+from .settings import is_address
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +85,13 @@ def forwarded(request: web.Request) -> web.Request:
     hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
     # The client is the nearest address that is not one of our proxies.
     for hop in reversed([h for h in hops if h]):
-        if hop not in proxies and _is_address(hop):
+        if hop not in proxies and is_address(hop):
             remote = hop
             break
     proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
     if proto in ("http", "https"):
         scheme = proto
     return request.clone(remote=remote, scheme=scheme)
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def is_api(request: web.Request) -> bool:

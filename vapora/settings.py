@@ -8,6 +8,7 @@ checked at start-up with an error that names the setting and the value.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 import os
 import tomllib
@@ -15,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from yarl import URL
 
 SECRET_SETTINGS = frozenset({"admin_token"})
 BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -46,6 +49,7 @@ def setting(
 MIN_INTERVAL_S = 0.01
 HOUR_S = 3600.0
 DAY_S = 24 * HOUR_S
+KIB, MIB, GIB = 1024, 1024**2, 1024**3
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,7 @@ class Settings:
         64 * 1024,
         "data queued for one socket before it gets the latest state instead",
         unit="bytes",
+        bounds=(KIB, GIB),
     )
     stuck_timeout_s: float = setting(
         30.0,
@@ -99,16 +104,21 @@ class Settings:
         bounds=(0.1, DAY_S),
     )
     max_resume_events: int = setting(
-        1000, "most missed events replayed on resume; past that, a fresh snapshot"
+        1000,
+        "most missed events replayed on resume; past that, a fresh snapshot",
+        bounds=(0, 1_000_000),
     )
+    # For aiohttp, a size limit of 0 means none: these bounds start above it.
     max_incoming_bytes: int = setting(
-        4096, "largest frame a client may send", unit="bytes"
+        4096, "largest frame a client may send", unit="bytes", bounds=(64, MIB)
     )
     max_body_bytes: int = setting(
-        64 * 1024, "largest request body accepted", unit="bytes"
+        64 * 1024, "largest request body accepted", unit="bytes", bounds=(KIB, GIB)
     )
     max_connections_per_address: int = setting(
-        64, "most open sockets and event streams from one client address"
+        64,
+        "most open sockets and event streams from one client address",
+        bounds=(1, 1_000_000),
     )
     session_hours: float = setting(
         12.0, "how long an admin sign-in lasts", unit="h", bounds=(0.01, 366 * 24)
@@ -250,6 +260,17 @@ class Settings:
             )
         if self.heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be above 0, got {self.heartbeat_s}")
+        for proxy in self.proxies:
+            if not is_address(proxy):
+                raise ValueError(
+                    f"trusted_proxies must list IP addresses, got {proxy!r}"
+                )
+        for origin in self.origins:
+            if not _is_origin(origin):
+                raise ValueError(
+                    "allowed_origins must list origins such as "
+                    f"https://example.com, got {origin!r}"
+                )
         if self.broker and not self.broker.startswith(BROKER_SCHEMES):
             raise ValueError(
                 f"broker must be a redis://, rediss:// or unix:// URL, "
@@ -265,6 +286,31 @@ def hide_password(value: str) -> str:
         return value
     user = credentials.partition(":")[0]
     return f"{scheme}://{user}:***@{place}"
+
+
+def is_address(text: str) -> bool:
+    """Whether text is an IPv4 or IPv6 address."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_origin(text: str) -> bool:
+    """Whether text is an origin, as a browser's Origin header gives it."""
+    try:
+        url = URL(text)
+    except ValueError:  # such as a port that is no number
+        return False
+    return (
+        url.scheme in ("http", "https")
+        and bool(url.host)
+        and url.path in ("", "/")
+        and not url.query_string
+        and not url.fragment
+        and not url.user
+    )
 
 
 def _field(name: str) -> Any:
