@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from .conftest import ADMIN_TOKEN, create_workflow
+from .conftest import ADMIN_TOKEN, AUTH, create_workflow
 
 CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
 
@@ -178,6 +178,46 @@ async def test_status_form_refusal_is_shown_beside_the_form(
     assert "reopen it first" in await response.text()
     state = await (await client.get(f"/api/workflows/{wf['workflow_id']}")).json()
     assert (state["status"], state["seq"]) == ("cancelled", 2)
+
+
+async def test_refusals_of_a_form_no_longer_shown_still_say_why(
+    client: TestClient[Any, Any],
+) -> None:
+    made = await client.post(
+        "/api/workflows",
+        json={"name": "Release", "steps": [{"name": "ship", "gate": True}]},
+        headers=AUTH,
+    )
+    wid = (await made.json())["workflow_id"]
+    await client.post(f"/api/workflows/{wid}/advance", headers=AUTH)
+    await sign_in(client)
+    page = f"/admin/workflows/{wid}"
+    token = await csrf_from(client, page)
+
+    bad_decision = await client.post(
+        f"{page}/gate", data={"csrf_token": token, "decision": "maybe", "comment": "x"}
+    )
+    await client.post(
+        f"/api/workflows/{wid}/gate",
+        json={"decision": "approve", "comment": "from another admin"},
+        headers=AUTH,
+    )
+    too_late = await client.post(
+        f"{page}/gate", data={"csrf_token": token, "decision": "reject", "comment": "x"}
+    )
+    await client.post(
+        f"/api/workflows/{wid}/status",
+        json={"status": "running", "reopen": True},
+        headers=AUTH,
+    )
+    not_finished = await client.post(f"{page}/reopen", data={"csrf_token": token})
+
+    assert bad_decision.status == 400
+    assert "decision must be" in await bad_decision.text()
+    assert too_late.status == 409
+    assert "no step is waiting for an answer" in await too_late.text()
+    assert not_finished.status == 409
+    assert "not finished" in await not_finished.text()
 
 
 async def test_reset_needs_its_confirmation(client: TestClient[Any, Any]) -> None:
