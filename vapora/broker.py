@@ -208,6 +208,7 @@ class Broker:
     async def _listen(self, pubsub: PubSub) -> None:
         loop = asyncio.get_running_loop()
         heard = pinged = loop.time()
+        watchers_channel = self.watchers_channel.encode()
         while True:
             message = await pubsub.get_message(
                 ignore_subscribe_messages=True, timeout=PING_AFTER_S / 2
@@ -223,7 +224,7 @@ class Broker:
             heard = now
             if message["type"] != "message":
                 continue
-            if message["channel"].decode() == self.watchers_channel:
+            if message["channel"] == watchers_channel:
                 self._take_watchers(message["data"], now)
                 continue
             try:

@@ -375,7 +375,7 @@ class Workflow:
         return "reset"
 
     def _unanswered_gate(self) -> int | None:
-        """Number the first step, the current one or a later one, with an open gate."""
+        """The first step, from the current one on, whose gate has no answer."""
         for number in range(max(self.current_step, 1), self.total_steps + 1):
             gate = self.steps[number - 1].gate
             if gate is not None and gate.decision is None:
