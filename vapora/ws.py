@@ -94,17 +94,18 @@ def keep_alive(transport: asyncio.Transport, interval_s: float) -> None:
 async def subscribe(request: web.Request) -> web.WebSocketResponse:
     """Stream one workflow's changes, or every workflow's on /api/updates.
 
-    Refuses with 400 for a bad `after`, 401, 403 for a foreign origin, 404, 429.
+    Refuses with 400 for a bad `after` or no upgrade, 401, 403 for a foreign
+    origin, 404, 429.
     """
     # One frame for the socket's whole life: each coroutine it waits in is kept
     # for as long as the socket is open.
     workflow_id = request.match_info.get("workflow_id")
+    after = None if workflow_id is None else parse_after(request)
     if request.headers.get("Upgrade", "").lower() != "websocket":
         raise InvalidInput(
             "Upgrade",
             "this address takes WebSocket connections: send Upgrade: websocket",
         )
-    after = None if workflow_id is None else parse_after(request)
     await admit(request, workflow_id)
     take_slot(request)
     try:
