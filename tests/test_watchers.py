@@ -593,3 +593,46 @@ async def test_each_gate_in_a_row_sends_its_own_waiting_webhook(
     ]
     assert waiting_at == [2, 3]
     await server.close()
+
+
+async def test_a_gate_reopened_after_a_cancel_waits_with_its_full_timeout(
+    client: TestClient[Any, Any],
+) -> None:
+    wf = await create_gated(client, {"timeout_s": 3600, "on_timeout": "approve"})
+    wid = wf["workflow_id"]
+    url = f"/api/workflows/{wid}/status"
+    await advance(client, wid)
+    await advance(client, wid)
+    cancelled = await (
+        await client.post(url, json={"status": "cancelled"}, headers=AUTH)
+    ).json()
+
+    reopened = await client.post(
+        url, json={"status": "running", "reopen": True}, headers=AUTH
+    )
+
+    state = await reopened.json()
+    assert state["status"] == "waiting"
+    assert state["steps"][1]["started_at"] > cancelled["steps"][1]["started_at"]
+    stored = await client.app[STORE].get_workflow(wid)
+    assert stored.gate_deadline is not None
+    assert stored.gate_deadline > _now_plus(3500)
+
+
+async def test_starting_a_workflow_at_a_gate_waits_for_it(
+    client: TestClient[Any, Any],
+) -> None:
+    made = await client.post(
+        "/api/workflows",
+        json={"name": "g", "steps": [{"name": "approve", "gate": True}, "ship"]},
+        headers=AUTH,
+    )
+    wid = (await made.json())["workflow_id"]
+
+    started = await client.post(
+        f"/api/workflows/{wid}/status", json={"status": "running"}, headers=AUTH
+    )
+
+    state = await started.json()
+    assert (state["status"], state["current_step"]) == ("waiting", 1)
+    assert (await client.app[STORE].get_workflow(wid)).open_gate is not None

@@ -326,6 +326,8 @@ class Workflow:
         if self.current_step == 0:
             self.current_step = 1
             self._start_current(now)
+            if status is Status.RUNNING and self.open_gate is not None:
+                status = Status.WAITING  # starting at a gate is waiting for it
         current = self.steps[self.current_step - 1]
         if status is Status.COMPLETED:
             if current.state is StepState.RUNNING:
@@ -354,6 +356,7 @@ class Workflow:
         if current.gate is not None and current.gate.decision == "rejected":
             gate = current.gate
             current.gate = Gate(gate.approvers, gate.timeout_s, gate.on_timeout)
+        if current.gate is not None and current.gate.decision is None:
             # The wait, and so its timeout, starts again.
             current.started_at = now
         self.status = Status.RUNNING
