@@ -97,6 +97,22 @@ def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None
             "",
             "got 'https://ok.example/path'",
         ),
+        ({"allowed_origins": "https://*.example"}, {}, "", "got 'https://*.example'"),
+        # Compared as text with the Origin header, which never looks like these.
+        (
+            {"allowed_origins": "HTTPS://OK.EXAMPLE:443"},
+            {},
+            "",
+            "write 'HTTPS://OK.EXAMPLE:443' as 'https://ok.example'",
+        ),
+        (
+            {"trusted_proxies": "::FFFF:127.0.0.1"},
+            {},
+            "",
+            "write '::FFFF:127.0.0.1' as '::ffff:7f00:1'",
+        ),
+        ({}, {}, "max_connections_per_address = true\n", "is not a valid int"),
+        ({"admin_token": "s3cret "}, {}, "", "admin_token must not start or end"),
     ],
 )
 def test_bad_settings_are_named_with_their_value(

@@ -260,17 +260,26 @@ class Settings:
             )
         if self.heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be above 0, got {self.heartbeat_s}")
+        if self.admin_token != self.admin_token.strip():
+            # Tokens are stripped where they are given, so it could never match.
+            raise ValueError("admin_token must not start or end with a space")
+        # Both are compared as text with what a request carries, so each must
+        # be written as the request would write it.
         for proxy in self.proxies:
             if not is_address(proxy):
                 raise ValueError(
                     f"trusted_proxies must list IP addresses, got {proxy!r}"
                 )
+            if (usual := str(ipaddress.ip_address(proxy))) != proxy:
+                raise ValueError(f"trusted_proxies: write {proxy!r} as {usual!r}")
         for origin in self.origins:
             if not _is_origin(origin):
                 raise ValueError(
                     "allowed_origins must list origins such as "
                     f"https://example.com, got {origin!r}"
                 )
+            if (usual := str(URL(origin).origin())) != origin:
+                raise ValueError(f"allowed_origins: write {origin!r} as {usual!r}")
         if self.broker and not self.broker.startswith(BROKER_SCHEMES):
             raise ValueError(
                 f"broker must be a redis://, rediss:// or unix:// URL, "
@@ -304,8 +313,9 @@ def _is_origin(text: str) -> bool:
     except ValueError:  # such as a port that is no number
         return False
     return (
-        url.scheme in ("http", "https")
+        url.scheme.lower() in ("http", "https")
         and bool(url.host)
+        and "*" not in (url.host or "")
         and url.path in ("", "/")
         and not url.query_string
         and not url.fragment
@@ -344,7 +354,7 @@ def _convert(f: Any, raw: Any, source: str) -> Any:
                 raw.lower()
             ]
         elif (
-            kind is float
+            kind in (float, int)
             and isinstance(raw, bool)
             or kind is int
             and isinstance(raw, float)
