@@ -514,3 +514,60 @@ async def test_a_body_that_cannot_be_read_is_a_400_saying_why(
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     listing = await (await client.get("/api/workflows", headers=AUTH)).json()
     assert listing["workflows"] == []
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "body", "message"),
+    [
+        (
+            "/api/workflows",
+            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            b"garbage",
+            "the body could not be decompressed",
+        ),
+        (
+            "/admin/login",
+            {
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Content-Encoding": "deflate",
+            },
+            b"garbage",
+            "the form is malformed",
+        ),
+        (
+            "/admin/login",
+            {"Content-Type": "multipart/form-data; boundary=zz"},
+            b'--zz\r\nContent-Disposition: form-data; name="token"\r\n'
+            b"Content-Transfer-Encoding: foo\r\n\r\nhi\r\n--zz--\r\n",
+            "the form is malformed",
+        ),
+    ],
+    ids=["json-gzip", "form-deflate", "unknown-transfer-encoding"],
+)
+async def test_a_body_that_cannot_be_decoded_is_a_400(
+    client: TestClient[Any, Any],
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    message: str,
+) -> None:
+    response = await client.post(path, data=body, headers={**AUTH, **headers})
+
+    assert response.status == 400
+    assert message in html.unescape(await response.text())
+    # aiohttp itself logs the rest of the body failing; `vapora serve` makes
+    # that one line (tests/test_cli.py).
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert not [r for r in errors if r.name.startswith("vapora")]
+
+
+async def test_a_token_for_a_workflow_id_sqlite_cannot_take_is_a_404(
+    client: TestClient[Any, Any],
+) -> None:
+    body = {"name": "t", "scope": "read", "workflow_id": "\ud800"}
+
+    response = await client.post("/api/tokens", json=body, headers=AUTH)
+
+    assert response.status == 404
+    assert (await response.json())["error"]["field"] == "workflow_id"

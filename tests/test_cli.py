@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,29 @@ def test_backup_into_a_missing_folder_names_it(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert str(tmp_path / "gone") in result.stderr
     assert not list(tmp_path.glob("**/*.partial"))
+
+
+def test_a_request_the_client_got_wrong_is_one_warning_line(
+    server_process: Any,
+) -> None:
+    server: ServerProcess = server_process()
+    host, port = server.url.removeprefix("http://").split(":")
+    broken = [
+        # A body that fails to inflate, read by aiohttp after the answer.
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: 7\r\n\r\ngarbage",
+        b"POST /api/workflows HTTP/1.1\r\nHost: x\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n",
+    ]
+
+    for request in broken:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(request)
+            assert sock.recv(100).split()[1].startswith(b"4")
+    deadline = time.monotonic() + 10
+    while sum("WARNING aiohttp.server" in line for line in server.log) < 2:
+        assert time.monotonic() < deadline, "".join(server.log)
+        time.sleep(0.05)
+    server.stop()
+
+    assert not [line for line in server.log if "Traceback" in line or " ERROR " in line]

@@ -546,17 +546,81 @@ async def test_a_sign_in_cookie_reads_the_api_but_changes_nothing(
 async def test_changing_the_admin_token_signs_every_browser_out(
     app_factory: Any, new_token: str | None, still_signed_in: bool
 ) -> None:
-    before = await app_factory()
-    await sign_in(before)
-    cookie = before.session.cookie_jar.filter_cookies(before.make_url("/"))
+    old_node = await app_factory()
+    # A node already on the new token, beside one still on the old: a rolling
+    # change, where a browser signs in on the old node after the new one started.
+    new_node = await app_factory(**({"admin_token": new_token} if new_token else {}))
+    await sign_in(old_node)
+    cookie = old_node.session.cookie_jar.filter_cookies(old_node.make_url("/"))
     session = cookie["vapora_session"].value
-    await before.close()
 
-    after = await app_factory(**({"admin_token": new_token} if new_token else {}))
-    admin = await after.get(
+    admin = await new_node.get(
         "/admin", cookies={"vapora_session": session}, allow_redirects=False
     )
 
     assert (admin.status == 200) is still_signed_in
     if not still_signed_in:
         assert admin.headers["Location"] == "/admin/login"
+
+
+async def raw_status(client: TestClient[Any, Any], request: bytes) -> int:
+    """Send request as raw bytes; return the answer's status code."""
+    reader, writer = await asyncio.open_connection(
+        client.server.host, client.server.port
+    )
+    writer.write(request)
+    async with asyncio.timeout(10):
+        status_line = await reader.readline()
+    writer.close()
+    return int(status_line.split()[1])
+
+
+async def test_header_and_cookie_bytes_that_are_not_utf8_are_refused_cleanly(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    wf = await create_workflow(client)
+    head = b"Host: x\r\nContent-Length: 0\r\n"
+
+    bearer = await raw_status(
+        client,
+        f"POST /api/workflows/{wf['workflow_id']}/advance HTTP/1.1\r\n".encode()
+        + head
+        + b"Authorization: Bearer caf\xe9\r\n\r\n",
+    )
+    csrf = await raw_status(
+        client,
+        b"GET /admin/login HTTP/1.1\r\n"
+        + head
+        + b"Cookie: vapora_csrf=caf\xe9\r\n\r\n",
+    )
+    session = await raw_status(
+        client,
+        b"GET /admin HTTP/1.1\r\n" + head + b"Cookie: vapora_session=caf\xe9\r\n\r\n",
+    )
+
+    assert (bearer, csrf, session) == (401, 200, 303)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_read_token_answers_only_gates_it_may_read(
+    client: TestClient[Any, Any],
+) -> None:
+    steps = [{"name": "ship", "gate": {"approvers": ["alice"]}}]
+    ids = []
+    for _ in range(2):
+        made = await client.post(
+            "/api/workflows", json={"name": "r", "steps": steps}, headers=AUTH
+        )
+        ids.append((await made.json())["workflow_id"])
+        await client.post(f"/api/workflows/{ids[-1]}/advance", headers=AUTH)
+    alice = await make_token(client, "alice", "read", ids[1])
+    body = {"decision": "approve", "comment": "ok"}
+
+    other = await client.post(
+        f"/api/workflows/{ids[0]}/gate", json=body, headers=bearer(alice)
+    )
+    own = await client.post(
+        f"/api/workflows/{ids[1]}/gate", json=body, headers=bearer(alice)
+    )
+
+    assert (other.status, own.status) == (403, 200)

@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .app_keys import AUTH, HUB, STORE
 from .auth import ADMIN, CSRF_FIELD
@@ -29,8 +30,9 @@ async def read_form(request: web.Request) -> dict[str, str]:
     except LookupError:
         charset = excerpt(request.charset or "")
         raise InvalidInput(None, f"the form's charset {charset} is unknown") from None
-    except (ValueError, HttpProcessingError):
-        # Such as a multipart body without its boundary, or broken inside.
+    except (ValueError, RuntimeError, HttpProcessingError, RequestPayloadError):
+        # Such as a multipart body without its boundary, or broken inside, a
+        # part in an unknown transfer encoding, or a body that fails to inflate.
         raise InvalidInput(None, "the form is malformed") from None
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     request.app[AUTH].check_csrf(request, fields.get(CSRF_FIELD, ""))

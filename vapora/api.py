@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .app_keys import AUTH, STORE, WEBHOOKS
 from .catchup import workflow_json
@@ -67,6 +68,8 @@ async def read_json(request: web.Request, *fields: str) -> dict[str, Any]:
     except LookupError:
         charset = excerpt(request.charset or "")
         raise InvalidInput(None, f"the body's charset {charset} is unknown") from None
+    except RequestPayloadError:
+        raise InvalidInput(None, "the body could not be decompressed") from None
     if not isinstance(body, dict):
         raise InvalidInput(None, "the body must be a JSON object")
     unknown = sorted(set(body) - set(fields))

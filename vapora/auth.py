@@ -85,7 +85,6 @@ class Auth:
         )
         self._secret = bytes.fromhex(secret)
         self._admin_hash = await self._load_admin_hash()
-        await self._end_sessions_of_an_old_token()
 
     async def _load_admin_hash(self) -> str:
         if self.settings.admin_token:
@@ -101,19 +100,6 @@ class Auth:
                 token,
             )
         return stored
-
-    async def _end_sessions_of_an_old_token(self) -> None:
-        """Sign every browser out when the admin token is not the one they used.
-
-        Changing a leaked token must also lock out those who signed in with it.
-        """
-        signed_in_with = await self.store.get_meta("sessions_admin_token_hash")
-        if signed_in_with == self._admin_hash:
-            return
-        if signed_in_with is not None:
-            ended = await self.credentials.drop_all_sessions()
-            logger.info("The admin token changed; signed out %d browser(s)", ended)
-        await self.store.set_meta("sessions_admin_token_hash", self._admin_hash)
 
     def is_admin_token(self, token: str) -> bool:
         return hmac.compare_digest(hash_secret(token), self._admin_hash)
@@ -187,7 +173,8 @@ class Auth:
             return principal.actor
         gate = (await self.store.get_workflow(workflow_id)).open_gate
         if gate is not None and principal.actor in gate.approvers:
-            if principal.can_publish(workflow_id) or principal.scope is Scope.READ:
+            reads = principal.scope is Scope.READ and principal.can_read(workflow_id)
+            if principal.can_publish(workflow_id) or reads:
                 return principal.actor
         raise Forbidden("Authorization", "this token may not answer this gate")
 
@@ -251,16 +238,26 @@ class Auth:
 
     # -- browser sessions ----------------------------------------------------------
 
+    def _session_key(self, token: str) -> str:
+        """What the store knows a session by: tied to the admin token it began with.
+
+        A session signed in with a token no longer in use is unknown: a new
+        admin token signs every browser out.
+        """
+        return f"{self._admin_hash}:{token}"
+
     async def is_signed_in(self, request: web.Request) -> bool:
         token = request.cookies.get(SESSION_COOKIE)
-        return bool(token) and await self.credentials.session_valid(token or "")
+        if not token:
+            return False
+        return await self.credentials.session_valid(self._session_key(token))
 
     async def sign_in(self, request: web.Request, response: web.StreamResponse) -> None:
         token = secrets.token_urlsafe(32)
         lifetime = timedelta(hours=self.settings.session_hours)
         expires = datetime.now(UTC) + lifetime
         await self.credentials.add_session(
-            token, expires.isoformat(timespec="milliseconds")
+            self._session_key(token), expires.isoformat(timespec="milliseconds")
         )
         response.set_cookie(
             SESSION_COOKIE,
@@ -277,14 +274,15 @@ class Auth:
     ) -> None:
         token = request.cookies.get(SESSION_COOKIE)
         if token:
-            await self.credentials.drop_session(token)
+            await self.credentials.drop_session(self._session_key(token))
         response.del_cookie(SESSION_COOKIE, path=self.cookie_path)
 
     # -- CSRF: a token signed over a random per-browser cookie ----------------
 
     def csrf_token(self, request: web.Request) -> str:
         seed = request.get(NEW_CSRF_SEED) or request.cookies.get(CSRF_COOKIE, "")
-        return hmac.new(self._secret, seed.encode(), hashlib.sha256).hexdigest()
+        seed_bytes = seed.encode(errors="surrogateescape")
+        return hmac.new(self._secret, seed_bytes, hashlib.sha256).hexdigest()
 
     def check_csrf(self, request: web.Request, submitted: str) -> None:
         """Raise Forbidden unless the form's token matches this browser's cookie."""

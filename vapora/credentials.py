@@ -219,10 +219,6 @@ class Credentials:
         )
         return row is not None
 
-    async def drop_all_sessions(self) -> int:
-        """End every session; return how many there were."""
-        return await self.store.execute("DELETE FROM sessions")
-
     async def drop_session(self, token: str) -> None:
         """End one session, and forget every expired one."""
         await self.store.execute(

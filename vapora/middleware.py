@@ -52,6 +52,8 @@ async def request_middleware(
             if exc.status < 400 or exc.empty_body:
                 raise
             response = http_error_response(request, exc)
+        except ConnectionResetError:
+            raise  # the client went away mid-request: no one to answer
         except Exception:
             # A bug, not the caller's doing: still an answer in the usual shape
             # (CancelledError is a BaseException, and passes by). Once a stream

@@ -76,7 +76,8 @@ def new_workflow_id() -> str:
 
 
 def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    # Headers and cookies carry bytes that are not UTF-8 as surrogates.
+    return hashlib.sha256(secret.encode(errors="surrogateescape")).hexdigest()
 
 
 class WriteOrder:
@@ -194,9 +195,12 @@ class Store:
 
     async def get_workflow(self, workflow_id: str, history: int = 0) -> Workflow:
         """Return one workflow, with its newest `history` events; NotFound if none."""
-        row = await self.fetch_one(
-            "SELECT * FROM workflows WHERE id = ?", (workflow_id,)
-        )
+        row = None
+        # Ids are ASCII; JSON can carry text SQLite refuses, a lone surrogate.
+        if workflow_id.isascii():
+            row = await self.fetch_one(
+                "SELECT * FROM workflows WHERE id = ?", (workflow_id,)
+            )
         if row is None:
             raise NotFound(
                 "workflow_id", f"no workflow with id {excerpt(workflow_id, 40)}"
