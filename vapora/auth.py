@@ -281,7 +281,7 @@ class Auth:
 
     def csrf_token(self, request: web.Request) -> str:
         seed = request.get(NEW_CSRF_SEED) or request.cookies.get(CSRF_COOKIE, "")
-        seed_bytes = seed.encode(errors="surrogateescape")
+        seed_bytes = seed.encode(errors="surrogatepass")
         return hmac.new(self._secret, seed_bytes, hashlib.sha256).hexdigest()
 
     def check_csrf(self, request: web.Request, submitted: str) -> None:

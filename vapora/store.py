@@ -76,8 +76,9 @@ def new_workflow_id() -> str:
 
 
 def hash_secret(secret: str) -> str:
-    # Headers and cookies carry bytes that are not UTF-8 as surrogates.
-    return hashlib.sha256(secret.encode(errors="surrogateescape")).hexdigest()
+    # Headers and cookies carry bytes that are not UTF-8 as surrogates, and
+    # JSON may carry lone ones: each is hashed as it is, and matches nothing.
+    return hashlib.sha256(secret.encode(errors="surrogatepass")).hexdigest()
 
 
 class WriteOrder:
