@@ -636,3 +636,31 @@ async def test_starting_a_workflow_at_a_gate_waits_for_it(
     state = await started.json()
     assert (state["status"], state["current_step"]) == ("waiting", 1)
     assert (await client.app[STORE].get_workflow(wid)).open_gate is not None
+
+
+async def test_a_delivery_waiting_to_retry_survives_a_clean_restart(
+    app_factory: Any,
+) -> None:
+    receiver = Receiver(failures=1)
+    server = await receiver.start()
+    before = await app_factory(webhook_retry_base_s=3600)
+    await before.post(
+        "/api/webhooks",
+        json={"url": str(server.make_url("/hook")), "events": ["completed"]},
+        headers=AUTH,
+    )
+    wf = await create_workflow(before, steps=1)
+    await advance(before, wf["workflow_id"])
+    await advance(before, wf["workflow_id"])
+    async with asyncio.timeout(10):
+        await receiver.arrived.wait()
+
+    await before.close()  # the first attempt failed; the next is an hour away
+    after = await app_factory(webhook_retry_base_s=0.01)
+    async with asyncio.timeout(10):
+        delivery = await wait_for_delivery(after)
+
+    assert (delivery["outcome"], delivery["attempts"]) == ("delivered", 2)
+    ids = [headers["X-Vapora-Delivery"] for headers, _ in receiver.bodies]
+    assert len(ids) == 2 and ids[0] == ids[1]
+    await server.close()

@@ -3,7 +3,8 @@
 The store's listener only puts a delivery on a bounded queue; workers send it
 with a timeout and retry with exponential backoff, and every outcome is
 recorded. A slow or failing endpoint delays other webhooks at worst, never the
-updates to pages.
+updates to pages. On a clean stop, the deliveries still queued or between two
+attempts are saved as pending, and the next start takes them up again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import random
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +61,7 @@ class Delivery:
     webhook: Webhook
     event: str
     change: Change
+    tried: int = 0  # attempts made before a restart
 
 
 def event_of(change: Change) -> str | None:
@@ -114,10 +117,13 @@ class Webhooks:
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(QUEUE_LIMIT)
         self._workers: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
+        # Deliveries being sent, with the attempts made so far.
+        self._sending: dict[Delivery, int] = {}
 
     async def start(self, reload_every_s: float | None = None) -> None:
         """Load the webhooks and start sending; reload now and then if asked."""
         await self._reload()
+        await self._take_up_pending()
         timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout_s)
         self._session = aiohttp.ClientSession(timeout=timeout)
         self._workers = [asyncio.create_task(self._work()) for _ in range(WORKERS)]
@@ -126,11 +132,47 @@ class Webhooks:
             self._workers.append(asyncio.create_task(reloads))
 
     async def stop(self) -> None:
+        """Stop sending; save what is left as pending, for the next start."""
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+        left = dict(self._sending)
+        while not self._queue.empty():
+            left.setdefault(self._queue.get_nowait(), 0)
+        for delivery, tried in left.items():
+            await self._record(delivery, tried, "pending", "saved at shutdown")
+        if left:
+            logger.info("Saved %d webhook deliveries for the next start", len(left))
+
+    async def _take_up_pending(self) -> None:
+        """Queue the deliveries a clean stop saved; each is taken by one node."""
+        rows = await self.store.fetch_all(
+            "SELECT d.id, d.webhook_id, d.seq, d.event, d.attempts, e.payload "
+            "FROM webhook_deliveries d JOIN events e "
+            "ON e.workflow_id = d.workflow_id AND e.seq = d.seq "
+            "WHERE d.outcome = 'pending' ORDER BY d.id"
+        )
+        hooks = {hook.id: hook for hook in self._hooks}
+        for row in rows:
+            claimed = await self.store.execute(
+                "DELETE FROM webhook_deliveries WHERE id = ? AND outcome = 'pending'",
+                (row["id"],),
+            )
+            hook = hooks.get(row["webhook_id"])
+            if not claimed or hook is None:
+                continue
+            state = json.loads(row["payload"])
+            change = Change(
+                state["workflow_id"],
+                row["seq"],
+                row["payload"],
+                Status(state["status"]),
+                time.monotonic(),
+                state["kind"],
+            )
+            self._queue.put_nowait(Delivery(hook, row["event"], change, row[4]))
 
     # -- the webhooks themselves -------------------------------------------------
 
@@ -230,15 +272,20 @@ class Webhooks:
             "X-Vapora-Signature": sign(hook.secret, body),
         }
         attempts = self.settings.webhook_attempts
-        detail = ""
-        for attempt in range(1, attempts + 1):
+        detail = "no attempt left after a restart"
+        # Until it is done, stop() finds it here, even when cancelled mid-wait.
+        self._sending[delivery] = delivery.tried
+        for attempt in range(delivery.tried + 1, attempts + 1):
             detail = await self._post(hook.url, body, headers)
+            self._sending[delivery] = attempt
             if detail.startswith("2"):
+                del self._sending[delivery]
                 await self._record(delivery, attempt, "delivered", detail)
                 return
             if attempt < attempts:
                 backoff = self.settings.webhook_retry_base_s * 2 ** (attempt - 1)
                 await asyncio.sleep(random.uniform(backoff / 2, backoff))
+        del self._sending[delivery]
         logger.warning(
             "Webhook %s gave up on %s after %d attempts: %s",
             hook.url,
