@@ -342,7 +342,8 @@ class Workflow:
         self.status = status
         return "status"
 
-    def reopen(self, now: str) -> str:
+    def reopen(self, now: str, status: Status = Status.RUNNING) -> str:
+        """Bring a finished workflow back at its step, with status."""
         if not self.status.is_final:
             raise RuleViolation(
                 "status", f"workflow is {self.status.value}, not finished"
@@ -361,7 +362,10 @@ class Workflow:
             current.started_at = now
         self.status = Status.RUNNING
         if self.open_gate is not None:
+            # Back at a gate, "running" means waiting for its answer again.
             self.status = Status.WAITING
+        if status is not Status.RUNNING or self.open_gate is None:
+            self.set_status(status, now)
         return "reopened"
 
     def reset(self) -> str:

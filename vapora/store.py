@@ -351,14 +351,9 @@ class Store:
     ) -> Workflow:
         """Bring a completed, failed or cancelled workflow back, running by default."""
 
-        def rule(wf: Workflow, now: str) -> str:
-            wf.reopen(now)
-            # Back at a gate, "running" means waiting for its answer again.
-            if not (status is Status.RUNNING and wf.open_gate is not None):
-                wf.set_status(status, now)
-            return "reopened"
-
-        return await self._change(workflow_id, actor, message, rule)
+        return await self._change(
+            workflow_id, actor, message, lambda wf, now: wf.reopen(now, status)
+        )
 
     async def answer_gate(
         self, workflow_id: str, decision: Any, actor: str, comment: Any
