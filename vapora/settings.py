@@ -312,10 +312,11 @@ def _is_origin(text: str) -> bool:
         url = URL(text)
     except ValueError:  # such as a port that is no number
         return False
+    host = url.host or ""
     return (
-        url.scheme.lower() in ("http", "https")
-        and bool(url.host)
-        and "*" not in (url.host or "")
+        url.scheme in ("http", "https")
+        and host != ""
+        and "*" not in host
         and url.path in ("", "/")
         and not url.query_string
         and not url.fragment
