@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -77,12 +78,19 @@ async def test_create_with_a_bad_field_names_it(
     assert field in error["message"]
 
 
-async def test_body_that_is_not_json_is_a_400(client: TestClient[Any, Any]) -> None:
-    response = await client.post(
+async def post_json_text(
+    client: TestClient[Any, Any], body: str | bytes
+) -> aiohttp.ClientResponse:
+    """Create a workflow from body, sent as it is rather than encoded from a dict."""
+    return await client.post(
         "/api/workflows",
-        data=b"{not json",
+        data=body,
         headers={**AUTH, "Content-Type": "application/json"},
     )
+
+
+async def test_body_that_is_not_json_is_a_400(client: TestClient[Any, Any]) -> None:
+    response = await post_json_text(client, b"{not json")
 
     assert response.status == 400
     assert "JSON" in (await response.json())["error"]["message"]
@@ -275,11 +283,7 @@ async def test_nan_and_infinity_are_not_json(
     gate = '{"timeout_s": ' + literal + "}"
     body = '{"name": "x", "steps": [{"name": "a", "gate": ' + gate + '}, "b"]}'
 
-    response = await client.post(
-        "/api/workflows",
-        data=body.encode(),
-        headers={**AUTH, "Content-Type": "application/json"},
-    )
+    response = await post_json_text(client, body)
 
     assert response.status == 400
     assert "not valid JSON" in (await response.json())["error"]["message"]
@@ -293,22 +297,14 @@ async def test_stall_after_too_large_to_be_a_float_is_a_400(
 ) -> None:
     body = '{"name": "x", "steps": ["a"], "stall_after_s": ' + stall + "}"
 
-    response = await client.post(
-        "/api/workflows",
-        data=body.encode(),
-        headers={**AUTH, "Content-Type": "application/json"},
-    )
+    response = await post_json_text(client, body)
 
     assert response.status == 400
     assert (await response.json())["error"]["field"] == "stall_after_s"
 
 
 async def test_deeply_nested_body_is_a_400(client: TestClient[Any, Any]) -> None:
-    response = await client.post(
-        "/api/workflows",
-        data=b"[" * 30_000,
-        headers={**AUTH, "Content-Type": "application/json"},
-    )
+    response = await post_json_text(client, b"[" * 30_000)
 
     assert response.status == 400
     assert "not valid JSON" in (await response.json())["error"]["message"]
