@@ -366,15 +366,23 @@ async def test_webhook_url_that_yarl_refuses_is_a_400_naming_it(
 # -- an unexpected error ---------------------------------------------------------
 
 
-async def test_unexpected_error_is_a_json_500_with_security_headers(
-    client: TestClient[Any, Any],
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+@pytest.fixture
+def broken_listing(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> TestClient[Any, Any]:
+    """The client of an app whose store fails, as a bug would, to list workflows."""
+
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("the disk is on fire")
 
     monkeypatch.setattr(client.app[STORE], "list_workflows", broken)
+    return client
+
+
+async def test_unexpected_error_is_a_json_500_with_security_headers(
+    broken_listing: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    client = broken_listing
 
     response = await client.get("/api/workflows")
 
@@ -390,14 +398,9 @@ async def test_unexpected_error_is_a_json_500_with_security_headers(
 
 
 async def test_unexpected_error_on_a_page_is_the_error_page(
-    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+    broken_listing: TestClient[Any, Any],
 ) -> None:
-    async def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("the disk is on fire")
-
-    monkeypatch.setattr(client.app[STORE], "list_workflows", broken)
-
-    response = await client.get("/")
+    response = await broken_listing.get("/")
 
     assert response.status == 500
     assert response.content_type == "text/html"
